@@ -1,0 +1,3 @@
+from multiscale_dali.cli import main
+
+main()

@@ -1,0 +1,64 @@
+"""Checkpoints that survive a kill at any moment and load with ``torch.load(weights_only=True)``.
+
+Only plain dicts, lists, numbers, strings and tensors go in: ``weights_only`` loading then refuses
+anything that would run code, so a tampered checkpoint cannot execute a pickle payload.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names the file."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write to a temporary file beside ``path``, fsync, rename over it, fsync the directory.
+
+    A reader sees either the old complete file or the new complete file, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``; any failure is a :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, pickle payload refused, wrong format ...
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"{path} is not an msdali checkpoint (no 'model' entry)")
+    return payload

@@ -1,0 +1,202 @@
+"""Run configuration: one frozen dataclass, validated when built, loadable from TOML recipes.
+
+Precedence is defaults < recipe (``--config pipelines/X.toml``) < command-line flags. Keys are the
+field names below; an unknown key is an error that names it and the file, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from multiscale_dali.constants import (
+    BACKENDS,
+    CONSISTENCY_TYPES,
+    DEFAULT_SCALES,
+    DEFAULT_SPLIT_FRACTIONS,
+    MODES,
+    TASKS,
+)
+
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+TEACHERS = ("largest", "mean")
+DEFAULT_DATASETS = ("textures", "textures-binary")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``key`` is the field (the CLI shows it as ``--key-name``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str | None = None  # None: the embedded texture dataset (see sample_data)
+    default_dataset: str = "textures"
+    out: str = "runs/latest"
+    backend: str = "auto"
+    mode: str = "multiscale"
+    scales: tuple[int, ...] = DEFAULT_SCALES
+    # Progressive mode: explicit "EPOCH:SCALE,..." steps; empty means a linear ramp from the
+    # smallest to the largest of `scales`, snapped to `ramp_multiple`.
+    schedule: str = ""
+    ramp_multiple: int = 32
+    epochs: int = 6
+    batch_size: int = 32
+    model: str = "tiny_cnn"
+    pretrained: bool = False
+    task: str = "auto"
+    consistency_weight: float = 0.0
+    consistency_type: str = "kl_divergence"
+    teacher: str = "largest"
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    amp: str = "auto"
+    channels_last: bool = True
+    memory_efficient: bool = False
+    grad_clip: float = 0.0
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+
+    def __post_init__(self) -> None:
+        _choice("backend", self.backend, BACKENDS)
+        _choice("mode", self.mode, MODES)
+        _choice("task", self.task, TASKS)
+        _choice("consistency_type", self.consistency_type, CONSISTENCY_TYPES)
+        _choice("teacher", self.teacher, TEACHERS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("amp", self.amp, AMP_CHOICES)
+        _choice("default_dataset", self.default_dataset, DEFAULT_DATASETS)
+        scales = list(self.scales)
+        if not scales:
+            raise ConfigError("scales", "give at least one scale, e.g. 64,96,128")
+        if any(s <= 0 for s in scales):
+            raise ConfigError("scales", f"scales must be positive, got {scales}")
+        if scales != sorted(set(scales)):
+            raise ConfigError("scales", f"scales must be strictly increasing, got {scales}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "ramp_multiple": self.ramp_multiple}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(key, f"must be >= 1, got {value}")
+        non_negative = {
+            "consistency_weight": self.consistency_weight,
+            "weight_decay": self.weight_decay,
+            "warmup_epochs": self.warmup_epochs,
+            "grad_clip": self.grad_clip,
+            "workers": self.workers,
+            "momentum": self.momentum,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(key, f"must be >= 0, got {value}")
+        if self.memory_efficient and self.teacher != "largest":
+            # One scale's graph at a time needs the target before the students: only the largest
+            # scale (computed first) can be it; the ensemble mean needs every scale at once.
+            raise ConfigError("memory_efficient", "needs --teacher largest (the ensemble mean needs all scales at once)")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        fractions = self.split_fractions
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise ConfigError(
+                "split_fractions", f"need three non-negative fractions summing to 1, got {list(fractions)}"
+            )
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (lists, not tuples): what config.json and checkpoints store."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+_FIELD_TYPES = {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """TOML/JSON values -> field types (lists become tuples); type errors name the key."""
+    default = _FIELD_TYPES[key].default
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        cast = type(default[0]) if default else int
+        try:
+            return tuple(cast(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"expected a list of {cast.__name__}, got {value!r}") from None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return type(default)(value)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def config_from_mapping(values: Mapping[str, Any], *, base: TrainConfig | None = None, source: str = "") -> TrainConfig:
+    """``base`` with ``values`` applied; unknown keys are errors naming ``source``."""
+    where = f" in {source}" if source else ""
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise ConfigError(
+            unknown[0], f"unknown key{where}; known keys: {', '.join(sorted(_FIELD_TYPES))}"
+        )
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    return dataclasses.replace(base or TrainConfig(), **coerced)
+
+
+def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Read a TOML recipe: (its ``[train]`` table, its description)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", f"recipe file not found: {path}")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("config", f"{path} is not valid TOML: {err}") from None
+    unknown = sorted(set(doc) - {"description", "train"})
+    if unknown:
+        raise ConfigError("config", f"{path}: unknown top-level key {unknown[0]!r}; expected description and [train]")
+    train = doc.get("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError("config", f"{path}: [train] must be a table")
+    return train, str(doc.get("description", ""))
+
+
+def recipe_config(path: str | Path, *, base: TrainConfig | None = None) -> TrainConfig:
+    values, _ = load_recipe(path)
+    return config_from_mapping(values, base=base, source=str(path))

@@ -1,0 +1,89 @@
+"""What a loader is asked to produce, independent of the backend that produces it.
+
+Both backends (``dali_pipeline.DaliLoader`` and ``torch_pipeline.TorchvisionLoader``) take a
+:class:`LoaderSpec` and implement :class:`Loader`; trainers only ever see :class:`Loader`.
+
+Image geometry shared by both backends (the parity test holds them to it):
+
+* train: one random resized crop per sample (area fraction in ``crop_area``, aspect ratio in
+  ``crop_aspect``) and one horizontal flip with probability 0.5, shared by every scale;
+* eval: one centre square crop of side ``eval_crop_fraction * min(H, W)``, no flip;
+* the crop is resized (antialiased, bilinear) to the largest scale of the epoch; every smaller
+  scale is resized from that largest output, so all scales show exactly the same region.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+from multiscale_dali.batch import MultiScaleBatch
+from multiscale_dali.constants import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, EVAL_CROP_FRACTION
+from multiscale_dali.schedule import ScaleSchedule
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    files: tuple[str, ...]
+    labels: tuple[int, ...]
+    schedule: ScaleSchedule
+    batch_size: int
+    train: bool
+    device: str = "cpu"
+    seed: int = 0
+    num_workers: int = 2  # DALI CPU threads, or torchvision DataLoader worker processes
+    shard_id: int = 0
+    num_shards: int = 1
+    drop_last: bool = False
+    channels_last: bool = True
+    crop_area: tuple[float, float] = DEFAULT_CROP_AREA
+    crop_aspect: tuple[float, float] = DEFAULT_CROP_ASPECT
+    eval_crop_fraction: float = EVAL_CROP_FRACTION
+    # DALI only: the share of JPEG decoding sent to the hardware decoder on GPUs that have one.
+    hw_decoder_load: float = 0.65
+    options: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if len(self.files) != len(self.labels):
+            raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
+        if not self.files:
+            raise ValueError("a loader needs at least one file")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"need 0 <= shard_id < num_shards, got {self.shard_id}/{self.num_shards}")
+        if not 0 < self.eval_crop_fraction <= 1:
+            raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+
+    @property
+    def shard_size(self) -> int:
+        """Samples per shard, padded so every shard has the same count (DALI's pad_last_batch)."""
+        return math.ceil(len(self.files) / self.num_shards)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.shard_size, self.batch_size)
+        return full if (self.drop_last and full) else full + (1 if rest else 0)
+
+
+class Loader(Protocol):
+    """One epoch at a time of :class:`MultiScaleBatch` on ``spec.device``."""
+
+    backend: str
+    spec: LoaderSpec
+
+    def __len__(self) -> int:
+        """Batches per epoch on this shard."""
+
+    def epoch(self, epoch: int) -> Iterator[MultiScaleBatch]:
+        """Yield the batches of ``epoch`` at ``spec.schedule.scales_at(epoch)``.
+
+        Epochs are consumed in order 0, 1, 2, ... (a resumed run may start later); every batch of
+        the epoch must be consumed before the next epoch is asked for.
+        """
+
+    def close(self) -> None:
+        """Release worker processes / pipelines."""

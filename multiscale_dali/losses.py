@@ -1,0 +1,355 @@
+"""Task resolution, base losses and the scale-consistency objective of a multi-scale step.
+
+Every step runs the model on several resolutions of the same crop. The objective is
+
+    total = mean_s base(logits_s, labels) + weight * mean_{s in students} D(student_s || teacher)
+
+where ``base`` is cross-entropy (multiclass) or BCE-with-logits on a single logit (binary), and
+``D`` is one of :data:`~multiscale_dali.constants.CONSISTENCY_TYPES`. The teacher is an explicit
+choice (see :data:`TEACHERS`): the largest scale's prediction, or the ensemble mean of every scale's
+probabilities.
+
+Divergences are computed from log-probabilities (``log_softmax`` / ``logsigmoid``), never from
+``log(softmax(...))``: with logits around 1e4 the probabilities underflow to exactly 0 and the naive
+log gives ``-inf`` and NaN gradients, while the log-space forms stay finite. A binary task is treated
+as a two-class Bernoulli distribution ``[1 - p, p]`` so that every divergence has one code path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from multiscale_dali.constants import CONSISTENCY_TYPES, TASKS
+
+BINARY = "binary"
+MULTICLASS = "multiclass"
+# The tasks a loss can run on; "auto" only exists before resolve_task().
+RESOLVED_TASKS: tuple[str, ...] = (BINARY, MULTICLASS)
+BINARY_NUM_CLASSES = 2
+# A binary model has one output: the logit of the positive class.
+BINARY_NUM_OUTPUTS = 1
+
+TEACHER_LARGEST = "largest"
+TEACHER_MEAN = "mean"
+TEACHERS: tuple[str, ...] = (TEACHER_LARGEST, TEACHER_MEAN)
+
+# Floor on the Jensen-Shannon mixture before its log: where both distributions put ~0 mass the
+# mixture underflows to 0 and log(0) would poison the sum with -inf * 0 = NaN.
+JS_MIXTURE_FLOOR = 1e-7
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_task(num_classes: int, task: str = "auto") -> str:
+    """``"auto"`` -> ``"binary"`` for 2 classes, ``"multiclass"`` otherwise; validate explicit tasks."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise ValueError(f"num_classes must be an int, got {num_classes!r}")
+    if num_classes < BINARY_NUM_CLASSES:
+        raise ValueError(
+            f"num_classes must be at least {BINARY_NUM_CLASSES} to classify anything, got {num_classes}"
+        )
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    if task == "auto":
+        return BINARY if num_classes == BINARY_NUM_CLASSES else MULTICLASS
+    if task == BINARY and num_classes != BINARY_NUM_CLASSES:
+        raise ValueError(
+            f"task 'binary' needs exactly {BINARY_NUM_CLASSES} classes, got num_classes={num_classes}; "
+            "use task 'multiclass' or 'auto'"
+        )
+    return task
+
+
+def num_outputs(task: str, num_classes: int) -> int:
+    """Width of the model's head: 1 logit for a binary task, one per class otherwise."""
+    resolved = resolve_task(num_classes, task)
+    return BINARY_NUM_OUTPUTS if resolved == BINARY else num_classes
+
+
+def _check_task(task: str) -> str:
+    if task not in RESOLVED_TASKS:
+        raise ValueError(
+            f"unknown task {task!r}; expected one of {list(RESOLVED_TASKS)} (call resolve_task() first)"
+        )
+    return task
+
+
+def _binary_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]`` or ``[B]`` -> ``[B]``; anything wider is a head/task mismatch, not a batch to squeeze."""
+    if logits.ndim == 2 and logits.shape[1] == BINARY_NUM_OUTPUTS:
+        return logits[:, 0]
+    if logits.ndim == 1:
+        return logits
+    raise ValueError(
+        f"binary logits must be shaped [B, 1] or [B], got {tuple(logits.shape)} "
+        "(a model built for the multiclass task?)"
+    )
+
+
+def _multiclass_logits(logits: torch.Tensor) -> torch.Tensor:
+    if logits.ndim != 2 or logits.shape[1] < BINARY_NUM_CLASSES:
+        raise ValueError(
+            f"multiclass logits must be shaped [B, C] with C >= {BINARY_NUM_CLASSES}, "
+            f"got {tuple(logits.shape)}"
+        )
+    return logits
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    # Half-precision logits (autocast) are upcast: logsigmoid(-1e4) = -1e4 is out of float16's
+    # range, and divergences sum many small terms. float64 stays float64.
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _log_probs(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Class log-probabilities ``[B, C]`` (C = 2 for binary: ``[log(1 - p), log p]``)."""
+    if _check_task(task) == BINARY:
+        z = _at_least_float32(_binary_logits(logits))
+        return torch.stack((F.logsigmoid(-z), F.logsigmoid(z)), dim=1)
+    return F.log_softmax(_at_least_float32(_multiclass_logits(logits)), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-scale quantities
+# ---------------------------------------------------------------------------------------------
+
+
+def base_loss(logits: torch.Tensor, labels: torch.Tensor, *, task: str) -> torch.Tensor:
+    """Mean cross-entropy (multiclass) or BCE-with-logits on the positive logit (binary)."""
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"logits have batch size {logits.shape[0]} but labels have {labels.shape[0]}"
+        )
+    if _check_task(task) == BINARY:
+        z = _binary_logits(logits)
+        return F.binary_cross_entropy_with_logits(z, labels.to(z.dtype).view(-1))
+    return F.cross_entropy(_multiclass_logits(logits), labels.long().view(-1))
+
+
+def predict(logits: torch.Tensor, *, task: str) -> torch.Tensor:
+    """Predicted class indices, int64 ``[B]`` (binary: positive where the logit is > 0)."""
+    if _check_task(task) == BINARY:
+        return (_binary_logits(logits) > 0).long()
+    return _multiclass_logits(logits).argmax(dim=1)
+
+
+def probabilities(logits: torch.Tensor, *, task: str) -> torch.Tensor:
+    """Class probabilities ``[B, C]``; binary gives ``[1 - p, p]`` with C = 2."""
+    if _check_task(task) == BINARY:
+        z = _binary_logits(logits)
+        # sigmoid(-z) rather than 1 - sigmoid(z): keeps tiny negative-class probabilities exact.
+        return torch.stack((torch.sigmoid(-z), torch.sigmoid(z)), dim=1)
+    return torch.softmax(_multiclass_logits(logits), dim=1)
+
+
+def ensemble_logits(logits: Sequence[torch.Tensor], *, task: str) -> torch.Tensor:
+    """Logits whose probabilities are the mean of the given predictions' probabilities.
+
+    This is the ``"mean"`` teacher, and also the multi-scale ensemble prediction at evaluation.
+    Multiclass returns ``log(mean p)`` ``[B, C]`` (softmax of it is ``mean p``); binary returns
+    ``logit(mean p)`` ``[B, 1]``. Averaging happens in log space (``logsumexp``) so that
+    saturated predictions do not underflow.
+    """
+    _check_task(task)
+    if not logits:
+        raise ValueError("ensemble_logits needs at least one prediction")
+    log_p = torch.stack([_log_probs(one, task) for one in logits])  # [S, B, C]
+    log_mean = torch.logsumexp(log_p, dim=0) - math.log(len(logits))
+    if task == BINARY:
+        # logit(p) = log p - log(1 - p), both already in log space.
+        return (log_mean[:, 1] - log_mean[:, 0]).unsqueeze(1)
+    return log_mean
+
+
+def consistency_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, task: str, kind: str
+) -> torch.Tensor:
+    """Scalar divergence between a student's and a teacher's predicted distributions.
+
+    * ``"kl_divergence"``: KL(teacher || student), summed over classes, averaged over the batch
+      (``batchmean``, the true KL; ``reduction="mean"`` would also divide by the class count);
+    * ``"js"``: Jensen-Shannon, ``(KL(s || m) + KL(t || m)) / 2`` with ``m`` floored at
+      :data:`JS_MIXTURE_FLOOR`, batchmean;
+    * ``"mse"``: mean squared difference of the probabilities over batch and classes.
+
+    Gradients flow into ``teacher_logits`` too unless the caller detaches them.
+    """
+    if kind not in CONSISTENCY_TYPES:
+        raise ValueError(f"unknown consistency type {kind!r}; expected one of {list(CONSISTENCY_TYPES)}")
+    student_log_p = _log_probs(student_logits, task)
+    teacher_log_p = _log_probs(teacher_logits, task)
+    if student_log_p.shape != teacher_log_p.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} do not describe the same distributions"
+        )
+    if kind == "kl_divergence":
+        # kl_div(input, target) = sum target * (log target - input): input is the student.
+        return F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
+    if kind == "js":
+        mixture = 0.5 * (student_log_p.exp() + teacher_log_p.exp())
+        log_mixture = mixture.clamp_min(JS_MIXTURE_FLOOR).log()
+        kl_student = F.kl_div(log_mixture, student_log_p, reduction="batchmean", log_target=True)
+        kl_teacher = F.kl_div(log_mixture, teacher_log_p, reduction="batchmean", log_target=True)
+        return 0.5 * (kl_student + kl_teacher)
+    return F.mse_loss(student_log_p.exp(), teacher_log_p.exp())
+
+
+# ---------------------------------------------------------------------------------------------
+# The multi-scale objective
+# ---------------------------------------------------------------------------------------------
+
+
+class ScaleConsistencyLoss(torch.nn.Module):
+    """Base loss averaged over scales plus a weighted scale-consistency term.
+
+    ``teacher="largest"``: the largest scale's prediction teaches every smaller scale (the largest
+    is not its own student). ``teacher="mean"``: the ensemble of all scales' probabilities (see
+    :func:`ensemble_logits`) teaches every scale. ``detach_teacher`` stops gradients through the
+    teacher, the usual self-distillation choice: otherwise the teacher is also pulled towards its
+    students.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        consistency_weight: float = 0.0,
+        consistency_type: str = "kl_divergence",
+        teacher: str = TEACHER_LARGEST,
+        detach_teacher: bool = True,
+    ) -> None:
+        super().__init__()
+        # Validate eagerly: a typo in a config should fail at construction, not at step 1 of a run.
+        self.task = _check_task(task)
+        weight = float(consistency_weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(
+                f"consistency_weight must be a finite number >= 0, got {consistency_weight!r}"
+            )
+        if consistency_type not in CONSISTENCY_TYPES:
+            raise ValueError(
+                f"unknown consistency_type {consistency_type!r}; expected one of {list(CONSISTENCY_TYPES)}"
+            )
+        if teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {teacher!r}; expected one of {list(TEACHERS)}")
+        self.consistency_weight = weight
+        self.consistency_type = consistency_type
+        self.teacher = teacher
+        self.detach_teacher = bool(detach_teacher)
+
+    def extra_repr(self) -> str:
+        return (
+            f"task={self.task!r}, consistency_weight={self.consistency_weight}, "
+            f"consistency_type={self.consistency_type!r}, teacher={self.teacher!r}, "
+            f"detach_teacher={self.detach_teacher}"
+        )
+
+    def _consistency_active(self, num_scales: int) -> bool:
+        # Nothing to be consistent with at one scale; at weight 0 skip the work entirely.
+        return self.consistency_weight > 0 and num_scales > 1
+
+    def _divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return consistency_divergence(student, teacher, task=self.task, kind=self.consistency_type)
+
+    def forward(
+        self, logits_by_scale: Mapping[int, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return ``(total, components)``; components hold ``base``, ``base_<scale>``,
+        ``consistency`` and ``total`` as floats for logging."""
+        if not logits_by_scale:
+            raise ValueError("logits_by_scale is empty: at least one scale is required")
+        scales = sorted(logits_by_scale)
+        per_scale = [base_loss(logits_by_scale[s], labels, task=self.task) for s in scales]
+        base = torch.stack(per_scale).mean()
+
+        if self._consistency_active(len(scales)):
+            if self.teacher == TEACHER_LARGEST:
+                teacher_logits = logits_by_scale[scales[-1]]
+                students = scales[:-1]
+            else:
+                teacher_logits = ensemble_logits(
+                    [logits_by_scale[s] for s in scales], task=self.task
+                )
+                students = scales
+            if self.detach_teacher:
+                teacher_logits = teacher_logits.detach()
+            consistency = torch.stack(
+                [self._divergence(logits_by_scale[s], teacher_logits) for s in students]
+            ).mean()
+            total = base + self.consistency_weight * consistency
+        else:
+            consistency = base.detach().new_zeros(())
+            total = base
+
+        # One device->host transfer for every logged number instead of one sync per .item().
+        logged = torch.stack(
+            [t.detach().double() for t in (base, consistency, total, *per_scale)]
+        ).tolist()
+        components = {"base": logged[0], "consistency": logged[1], "total": logged[2]}
+        components.update({f"base_{s}": value for s, value in zip(scales, logged[3:])})
+        return total, components
+
+    def scale_term(
+        self,
+        scale_logits: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_target: torch.Tensor | None,
+        *,
+        num_scales: int,
+        is_teacher: bool,
+    ) -> torch.Tensor:
+        """One scale's share of :meth:`forward`'s total, for a step that holds one scale's graph at a time.
+
+        With ``S = num_scales`` and ``w`` the consistency weight, the term is::
+
+            teacher (largest) scale:  base_s / S
+            every other scale:        base_s / S + w / (S - 1) * D(scale || teacher_target)
+
+        ``teacher_target`` (the largest scale's logits; ignored, may be ``None``, for the teacher
+        itself) is detached here, so each term's graph ends at its own scale. The terms therefore
+        sum to ``forward(...)[0]``, and backpropagating each one separately accumulates exactly
+        the gradients of ``forward()`` with ``teacher="largest"`` and ``detach_teacher=True``,
+        while only one scale's activations are alive at a time. A trainer runs the largest scale
+        first::
+
+            teacher = None
+            for i, scale in enumerate(sorted(images, reverse=True)):
+                logits = model(images[scale])
+                loss.scale_term(logits, labels, teacher, num_scales=S, is_teacher=i == 0).backward()
+                if i == 0:
+                    teacher = logits.detach()
+
+        With consistency active (weight > 0, several scales) any other configuration raises: a
+        ``"mean"`` teacher needs every scale's logits before the first term, and an attached
+        teacher needs the teacher's graph kept alive. At weight 0 every configuration works.
+        """
+        if num_scales < 1:
+            raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+        term = base_loss(scale_logits, labels, task=self.task) / num_scales
+        if not self._consistency_active(num_scales):
+            # Without a consistency term the objective is separable whatever the teacher setting.
+            return term
+        if self.teacher != TEACHER_LARGEST or not self.detach_teacher:
+            raise ValueError(
+                "scale_term reproduces forward() only with teacher='largest' and detach_teacher=True "
+                f"when consistency is active, got teacher={self.teacher!r}, "
+                f"detach_teacher={self.detach_teacher} (consistency_weight={self.consistency_weight})"
+            )
+        if is_teacher:
+            return term
+        if teacher_target is None:
+            raise ValueError(
+                "teacher_target is required for a non-teacher scale when consistency is active "
+                f"(consistency_weight={self.consistency_weight}, num_scales={num_scales})"
+            )
+        num_students = num_scales - 1
+        divergence = self._divergence(scale_logits, teacher_target.detach())
+        return term + (self.consistency_weight / num_students) * divergence

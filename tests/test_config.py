@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from multiscale_dali.config import ConfigError, TrainConfig, config_from_mapping, load_recipe, recipe_config
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "pipelines").glob("*.toml"))
+
+
+def test_every_shipped_recipe_loads_and_validates():
+    assert len(RECIPES) >= 2
+    for path in RECIPES:
+        _, description = load_recipe(path)
+        assert description, f"{path.name} needs a description"
+        recipe_config(path)
+
+
+def test_recipe_values_override_defaults(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('description = "x"\n[train]\nscales = [32, 48]\nepochs = 2\nmode = "progressive"\n')
+    config = recipe_config(recipe)
+    assert config.scales == (32, 48) and config.epochs == 2 and config.mode == "progressive"
+    assert config.batch_size == TrainConfig().batch_size
+
+
+def test_unknown_recipe_key_is_an_error_naming_key_and_file(tmp_path):
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text("[train]\nbatchsize = 8\n")
+    with pytest.raises(ConfigError, match="typo.toml") as info:
+        recipe_config(recipe)
+    assert info.value.key == "batchsize"
+
+
+def test_wrong_type_in_recipe_names_the_key(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[train]\nepochs = "many"\n')
+    with pytest.raises(ConfigError) as info:
+        recipe_config(recipe)
+    assert info.value.key == "epochs"
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"scales": (96, 64)}, "scales"),
+        ({"scales": (0, 64)}, "scales"),
+        ({"epochs": 0}, "epochs"),
+        ({"backend": "opencv"}, "backend"),
+        ({"consistency_type": "kl"}, "consistency_type"),
+        ({"consistency_weight": -1.0}, "consistency_weight"),
+        ({"lr": 0.0}, "lr"),
+        ({"split_fractions": (0.5, 0.5, 0.5)}, "split_fractions"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_field(changes, key):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**changes)
+    assert info.value.key == key
+    assert info.value.flag == "--" + key.replace("_", "-")
+
+
+def test_config_round_trips_through_its_plain_dict():
+    config = TrainConfig(scales=(32, 64), consistency_weight=0.5)
+    assert config_from_mapping(config.to_dict()) == config

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from multiscale_dali.batch import MultiScaleBatch
+from multiscale_dali.losses import ScaleConsistencyLoss
+from multiscale_dali.metrics import ScaleMeter
+from multiscale_dali.models import build_model
+from multiscale_dali.schedule import constant_schedule, stepwise_schedule
+from multiscale_dali.trainer import (
+    MultiScaleTrainer,
+    NonFiniteLossError,
+    ProgressiveMultiScaleTrainer,
+    TrainerOptions,
+)
+
+
+def _bright_vs_dark_batches(scales, *, steps=6, batch_size=8, seed=0):
+    """Class 1 images are brighter than class 0: learnable in a few steps at any scale."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        labels = torch.randint(0, 2, (batch_size,), generator=gen)
+        images = {}
+        for s in scales:
+            noise = torch.randn(batch_size, 3, s, s, generator=gen)
+            images[s] = noise + (labels.float() * 2 - 1).view(-1, 1, 1, 1)
+        batches.append(MultiScaleBatch(images=images, labels=labels))
+    return batches
+
+
+def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_efficient=False, lr=1e-2):
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", num_outputs=1)
+    return cls(
+        model,
+        loss=ScaleConsistencyLoss(task="binary", consistency_weight=weight),
+        optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
+        schedule=schedule,
+        options=TrainerOptions(epochs=epochs, memory_efficient=memory_efficient),
+    )
+
+
+def test_multiscale_trainer_learns_and_reports_every_scale():
+    scales = (16, 24, 32)
+    trainer = _trainer(schedule=constant_schedule(scales), epochs=4)
+    data = _bright_vs_dark_batches(scales)
+    result = trainer.fit(lambda e: data, lambda e: data[:2])
+    first, last = result.history[0], result.history[-1]
+    assert set(last.train) == set(scales) and set(last.val) == set(scales)
+    assert last.train[32]["loss"] < first.train[32]["loss"]
+    assert last.val[32]["accuracy"] >= 0.9
+    assert last.train_loss_components["consistency"] >= 0
+    assert result.best_epoch is not None and trainer.global_step == 4 * len(data)
+
+
+def test_memory_efficient_step_matches_naive_gradients():
+    scales = (16, 24, 32)
+    batch = _bright_vs_dark_batches(scales, steps=1)[0]
+    grads = []
+    for memory_efficient in (False, True):
+        trainer = _trainer(schedule=constant_schedule(scales), memory_efficient=memory_efficient)
+        trainer.model.train()
+        # Capture gradients just before the optimizer step.
+        trainer.optimizer.step = lambda *a, **k: None
+        trainer._step(batch, ScaleMeter(), {})
+        grads.append([p.grad.clone() for p in trainer.net.parameters()])
+    for naive, efficient in zip(*grads):
+        torch.testing.assert_close(naive, efficient, rtol=1e-4, atol=1e-6)
+
+
+def test_progressive_trainer_validates_current_and_final_scale():
+    schedule = stepwise_schedule({0: 16, 1: 24, 2: 32})
+    trainer = _trainer(ProgressiveMultiScaleTrainer, schedule=schedule, epochs=3, weight=0.0)
+    all_scales = (16, 24, 32)
+    data = _bright_vs_dark_batches(all_scales, steps=3)
+
+    def only(epoch):
+        scale = schedule.scales_at(epoch)[0]
+        return [MultiScaleBatch({scale: b.images[scale]}, b.labels) for b in data]
+
+    result = trainer.fit(only, lambda e: data)
+    assert [tuple(r.train) for r in result.history] == [(16,), (24,), (32,)]
+    assert [tuple(r.val) for r in result.history] == [(16, 32), (24, 32), (32,)]
+
+
+def test_progressive_trainer_rejects_multi_scale_schedule():
+    with pytest.raises(ValueError, match="one scale per epoch"):
+        _trainer(ProgressiveMultiScaleTrainer, schedule=constant_schedule((16, 32)))
+
+
+def test_best_model_is_restored_from_the_best_validation_epoch():
+    scales = (16,)
+    trainer = _trainer(schedule=constant_schedule(scales), epochs=3, weight=0.0)
+    data = _bright_vs_dark_batches(scales)
+    result = trainer.fit(lambda e: data, lambda e: data[:2])
+    best = {k: v.clone() for k, v in trainer.best_state.items()}
+    trainer.load_best()
+    assert all(torch.equal(best[k], v) for k, v in trainer.net.state_dict().items())
+    assert sum(r.is_best for r in result.history) >= 1
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run():
+    scales = (16,)
+    trainer = _trainer(schedule=constant_schedule(scales), weight=0.0)
+    trainer.options = TrainerOptions(epochs=1, max_consecutive_nonfinite=3)
+    good = _bright_vs_dark_batches(scales, steps=1)[0]
+    bad = MultiScaleBatch({16: torch.full_like(good.images[16], math.nan)}, good.labels)
+    before = [p.clone() for p in trainer.net.parameters()]
+    record = trainer.train_epoch([bad, bad], epoch=0)
+    assert record.skipped_steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters())), "skipped steps change nothing"
+    with pytest.raises(NonFiniteLossError, match="3 consecutive"):
+        trainer.train_epoch([bad], epoch=0)
+
+
+def test_multiscale_model_runs_every_scale_in_one_forward():
+    from multiscale_dali.trainer import MultiScaleModel
+
+    calls = []
+    net = nn.Flatten()
+    net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-1]))
+    out = MultiScaleModel(net)({8: torch.zeros(1, 3, 8, 8), 4: torch.zeros(1, 3, 4, 4)})
+    assert sorted(out) == [4, 8] and sorted(calls) == [4, 8]
