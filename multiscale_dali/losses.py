@@ -127,6 +127,8 @@ def base_loss(logits: torch.Tensor, labels: torch.Tensor, *, task: str) -> torch
         raise ValueError(
             f"logits have batch size {logits.shape[0]} but labels have {labels.shape[0]}"
         )
+    # Upcast half-precision logits: a loss is a mean of many terms, which bfloat16 sums poorly.
+    logits = _at_least_float32(logits)
     if _check_task(task) == BINARY:
         z = _binary_logits(logits)
         return F.binary_cross_entropy_with_logits(z, labels.to(z.dtype).view(-1))
@@ -289,9 +291,10 @@ class ScaleConsistencyLoss(torch.nn.Module):
             consistency = base.detach().new_zeros(())
             total = base
 
-        # One device->host transfer for every logged number instead of one sync per .item().
+        # One device->host transfer for every logged number instead of one sync per .item();
+        # float32 rather than float64 because some backends (MPS) have no float64.
         logged = torch.stack(
-            [t.detach().double() for t in (base, consistency, total, *per_scale)]
+            [t.detach().float() for t in (base, consistency, total, *per_scale)]
         ).tolist()
         components = {"base": logged[0], "consistency": logged[1], "total": logged[2]}
         components.update({f"base_{s}": value for s, value in zip(scales, logged[3:])})
