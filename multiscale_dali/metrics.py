@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
 @dataclass
 class ScaleMeter:
-    """Sums of loss and correct predictions per scale; ``.item()`` happens once, in :meth:`compute`."""
+    """Sums of loss and correct predictions per scale, plus the loss components of the step.
+
+    Tensors stay where the step produced them; ``float()`` happens once, in :meth:`compute`.
+    """
 
     loss_sum: dict[int, torch.Tensor] = field(default_factory=dict)
     correct: dict[int, torch.Tensor] = field(default_factory=dict)
+    components: dict[str, float] = field(default_factory=dict)
     count: int = 0
+    skipped: int = 0
 
-    def update(self, scale: int, loss_mean: torch.Tensor, correct: torch.Tensor, batch_size: int) -> None:
-        loss = loss_mean.detach().float() * batch_size
-        hits = correct.detach().sum()
+    def update(self, scale: int, loss_mean: torch.Tensor | float, correct: torch.Tensor, batch_size: int) -> None:
+        loss = torch.as_tensor(loss_mean).detach().double() * batch_size
+        hits = correct.detach().sum().double()
         if scale in self.loss_sum:
-            self.loss_sum[scale] += loss
-            self.correct[scale] += hits
+            self.loss_sum[scale] = self.loss_sum[scale] + loss
+            self.correct[scale] = self.correct[scale] + hits
         else:
-            self.loss_sum[scale] = loss.clone()
-            self.correct[scale] = hits.clone()
+            self.loss_sum[scale], self.correct[scale] = loss, hits
+
+    def add_components(self, components: dict[str, float], batch_size: int) -> None:
+        for key, value in components.items():
+            self.components[key] = self.components.get(key, 0.0) + value * batch_size
 
     def add_samples(self, batch_size: int) -> None:
         self.count += batch_size
@@ -38,3 +47,26 @@ class ScaleMeter:
             }
             for scale in sorted(self.loss_sum)
         }
+
+    def mean_components(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.components.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain numbers only, so a mid-epoch checkpoint keeps the partial epoch's metrics."""
+        return {
+            "loss_sum": {str(s): float(v) for s, v in self.loss_sum.items()},
+            "correct": {str(s): float(v) for s, v in self.correct.items()},
+            "components": dict(self.components),
+            "count": self.count,
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "ScaleMeter":
+        return cls(
+            loss_sum={int(s): torch.tensor(v, dtype=torch.float64) for s, v in state["loss_sum"].items()},
+            correct={int(s): torch.tensor(v, dtype=torch.float64) for s, v in state["correct"].items()},
+            components=dict(state["components"]),
+            count=int(state["count"]),
+            skipped=int(state["skipped"]),
+        )

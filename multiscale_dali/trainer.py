@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -95,11 +95,22 @@ class EpochRecord:
         }
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """Sent after every optimisation step (progress display, step checkpoints)."""
+
+    epoch: int
+    step: int  # steps done in this epoch
+    global_step: int
+    batch_size: int
+
+
 @dataclass
 class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int | None = None
     best_val_accuracy: float | None = None
+    interrupted: bool = False
 
 
 class MultiScaleTrainer:
@@ -137,6 +148,11 @@ class MultiScaleTrainer:
         self.best_score: tuple[float, float] | None = None
         self.best_epoch: int | None = None
         self._nonfinite_in_a_row = 0
+        # Position inside the current epoch: a checkpoint taken mid-epoch resumes exactly here.
+        self.step_in_epoch = 0
+        self._meter: ScaleMeter | None = None
+        self._meter_epoch = -1
+        self._epoch_seconds = 0.0
 
     # ------------------------------------------------------------------ hooks for subclasses
     def train_scales(self, epoch: int) -> tuple[int, ...]:
@@ -157,7 +173,7 @@ class MultiScaleTrainer:
             enabled=self.options.amp_dtype is not None,
         )
 
-    def _step(self, batch: MultiScaleBatch, meter: ScaleMeter, components_sum: dict[str, float]) -> bool:
+    def _step(self, batch: MultiScaleBatch, meter: ScaleMeter) -> bool:
         """One optimisation step; False when it was skipped for a non-finite loss."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.options.memory_efficient and len(batch.images) > 1:
@@ -171,6 +187,7 @@ class MultiScaleTrainer:
         if not torch.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite_in_a_row += 1
+            meter.skipped += 1
             log.warning("non-finite loss at step %d: step skipped", self.global_step)
             if self._nonfinite_in_a_row >= self.options.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
@@ -190,15 +207,11 @@ class MultiScaleTrainer:
             self.lr_scheduler.step()
         self.global_step += 1
         for scale, out in logits.items():
-            meter.update(
-                scale,
-                base_loss(out.float(), batch.labels, task=self.task),
-                predict(out, task=self.task) == batch.labels,
-                batch.batch_size,
-            )
+            # The loss already computed each scale's base loss; only accuracy is new work.
+            meter.update(scale, components[f"base_{scale}"], predict(out, task=self.task) == batch.labels,
+                         batch.batch_size)
         meter.add_samples(batch.batch_size)
-        for key, value in components.items():
-            components_sum[key] = components_sum.get(key, 0.0) + value * batch.batch_size
+        meter.add_components(components, batch.batch_size)
         return True
 
     def _backward_one_scale_at_a_time(self, batch: MultiScaleBatch):
@@ -227,31 +240,47 @@ class MultiScaleTrainer:
         return total, components, logits
 
     # ------------------------------------------------------------------ epochs
-    def train_epoch(self, batches: Iterable[MultiScaleBatch], epoch: int) -> EpochRecord:
+    def train_epoch(
+        self,
+        batches: Iterable[MultiScaleBatch],
+        epoch: int,
+        *,
+        on_step: Callable[[StepEvent], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EpochRecord | None:
+        """Train the rest of ``epoch``; None when ``should_stop`` interrupted it at a step boundary.
+
+        A resumed trainer continues the partial epoch's meter, so the epoch's metrics cover every
+        step whether or not the run was interrupted.
+        """
         self.model.train()
-        meter = ScaleMeter()
-        components_sum: dict[str, float] = {}
-        skipped = 0
+        if self._meter is None or self._meter_epoch != epoch:
+            self._meter, self._meter_epoch, self.step_in_epoch, self._epoch_seconds = ScaleMeter(), epoch, 0, 0.0
+        meter = self._meter
         start = time.perf_counter()
         for batch in batches:
-            if not self._step(batch, meter, components_sum):
-                skipped += 1
-            if self.options.log_every and self.global_step % self.options.log_every == 0:
-                log.info("epoch %d step %d", epoch, self.global_step)
+            self._step(batch, meter)
+            self.step_in_epoch += 1
+            if on_step is not None:
+                on_step(StepEvent(epoch=epoch, step=self.step_in_epoch, global_step=self.global_step,
+                                  batch_size=batch.batch_size))
+            if should_stop is not None and should_stop():
+                self._epoch_seconds += time.perf_counter() - start
+                return None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        self.epoch = epoch + 1
+        seconds = self._epoch_seconds + time.perf_counter() - start
+        self.epoch, self.step_in_epoch, self._meter = epoch + 1, 0, None
         return EpochRecord(
             epoch=epoch,
             scales=self.train_scales(epoch),
             train=meter.compute(),
             val={},
-            train_loss_components={k: v / max(meter.count, 1) for k, v in components_sum.items()},
+            train_loss_components=meter.mean_components(),
             images_per_second=meter.count / seconds if seconds > 0 else math.nan,
             seconds=seconds,
             lr=self.optimizer.param_groups[0]["lr"],
-            skipped_steps=skipped,
+            skipped_steps=meter.skipped,
         )
 
     @torch.no_grad()
@@ -296,23 +325,81 @@ class MultiScaleTrainer:
         val_batches: Callable[[int], Iterable[MultiScaleBatch]] | None,
         *,
         on_epoch_end: Callable[[EpochRecord], None] | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> FitResult:
-        """Train from ``self.epoch`` to ``options.epochs``; ``*_batches(epoch)`` yields that epoch."""
+        """Train from ``self.epoch`` to ``options.epochs``; ``*_batches(epoch)`` yields that epoch.
+
+        ``should_stop`` is polled after every step; when it turns true the run stops at that step
+        boundary with ``interrupted=True`` (the caller checkpoints ``state_dict()`` and exits).
+        """
         result = FitResult()
         for epoch in range(self.epoch, self.options.epochs):
-            record = self.train_epoch(train_batches(epoch), epoch)
+            record = self.train_epoch(train_batches(epoch), epoch, on_step=on_step, should_stop=should_stop)
+            if record is None:
+                result.interrupted = True
+                break
             if val_batches is not None:
                 record.val = self.evaluate(val_batches(epoch), self.validation_scales(epoch))
                 self._update_best(record)
             result.history.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(record)
-            if should_stop is not None and should_stop():
+            if should_stop is not None and should_stop() and self.epoch < self.options.epochs:
+                result.interrupted = True
                 break
         result.best_epoch = self.best_epoch
         result.best_val_accuracy = None if self.best_score is None else self.best_score[0]
         return result
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit, as plain dicts and tensors (weights_only-safe).
+
+        The best weights are not in here (they live in their own file); only their score.
+        """
+        state: dict[str, Any] = {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_score": None if self.best_score is None else list(self.best_score),
+            "best_epoch": self.best_epoch,
+            "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            "meter": None if self._meter is None else self._meter.state_dict(),
+            "epoch_seconds": self._epoch_seconds,
+        }
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        # A disabled GradScaler saves {}, and loading {} into an enabled one raises: store it only
+        # when it is in use, and let load_state_dict handle AMP being switched on or off.
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler.is_enabled():
+            if "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+            else:
+                log.warning("checkpoint was saved without fp16 loss scaling; starting a fresh GradScaler")
+        elif "scaler" in state:
+            log.info("checkpoint has a GradScaler state; not needed without fp16, ignored")
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.best_score = None if state["best_score"] is None else tuple(state["best_score"])
+        self.best_epoch = state["best_epoch"]
+        self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        meter = state.get("meter")
+        self._meter = None if meter is None else ScaleMeter.from_state_dict(meter)
+        self._meter_epoch = self.epoch if meter is not None else -1
+        self._epoch_seconds = float(state.get("epoch_seconds", 0.0))
 
     def load_best(self) -> None:
         """Restore the weights of the best validation epoch (no-op when there was no validation)."""

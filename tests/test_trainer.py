@@ -65,7 +65,7 @@ def test_memory_efficient_step_matches_naive_gradients():
         trainer.model.train()
         # Capture gradients just before the optimizer step.
         trainer.optimizer.step = lambda *a, **k: None
-        trainer._step(batch, ScaleMeter(), {})
+        trainer._step(batch, ScaleMeter())
         grads.append([p.grad.clone() for p in trainer.net.parameters()])
     for naive, efficient in zip(*grads):
         torch.testing.assert_close(naive, efficient, rtol=1e-4, atol=1e-6)
@@ -124,3 +124,42 @@ def test_multiscale_model_runs_every_scale_in_one_forward():
     net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-1]))
     out = MultiScaleModel(net)({8: torch.zeros(1, 3, 8, 8), 4: torch.zeros(1, 3, 4, 4)})
     assert sorted(out) == [4, 8] and sorted(calls) == [4, 8]
+
+
+def _roundtrip(state, tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("stop_after_steps", [12, 8], ids=["epoch-boundary", "mid-epoch"])
+def test_resumed_trainer_ends_with_bit_identical_weights(tmp_path, stop_after_steps):
+    scales = (16, 24)
+    data = _bright_vs_dark_batches(scales, steps=6)
+    reference = _trainer(schedule=constant_schedule(scales), epochs=3)
+    expected = reference.fit(lambda e: data, lambda e: data[:2])
+
+    first = _trainer(schedule=constant_schedule(scales), epochs=3)
+    steps = []
+    first.fit(lambda e: data, lambda e: data[:2], on_step=steps.append,
+              should_stop=lambda: len(steps) >= stop_after_steps)
+    state = _roundtrip(first.state_dict(), tmp_path)
+    assert state["global_step"] == stop_after_steps
+
+    resumed = _trainer(schedule=constant_schedule(scales), epochs=3)
+    resumed.load_state_dict(state)
+    # The loaders replay the rest of the interrupted epoch; here that is a slice of the data.
+    result = resumed.fit(lambda e: data[resumed.step_in_epoch:], lambda e: data[:2])
+    for a, b in zip(reference.net.state_dict().values(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.global_step == reference.global_step
+    # The interrupted epoch's metrics cover its steps from before and after the resume.
+    for scale, metrics in expected.history[-1].train.items():
+        assert result.history[-1].train[scale] == pytest.approx(metrics)
+
+
+def test_checkpoint_state_loads_with_weights_only(tmp_path):
+    trainer = _trainer(schedule=constant_schedule((16,)), epochs=1)
+    trainer.fit(lambda e: _bright_vs_dark_batches((16,), steps=2), None)
+    state = _roundtrip(trainer.state_dict(), tmp_path)
+    assert state["epoch"] == 1 and "scaler" not in state, "a disabled GradScaler is not saved"
