@@ -18,10 +18,16 @@ from multiscale_dali.constants import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass(frozen=True)
 class MultiScaleBatch:
-    """``images[scale]`` is float ``[B, 3, scale, scale]`` on the device; ``labels`` is int64 ``[B]``."""
+    """``images[scale]`` is float ``[B, 3, scale, scale]`` on the device; ``labels`` is int64 ``[B]``.
+
+    ``valid`` (bool ``[B]`` on the device) is False where a sample only pads a shard: sharding repeats
+    a few samples so every rank runs the same number of steps, and metrics must count each sample
+    once. ``None`` means every sample is real (always so in a single process).
+    """
 
     images: Mapping[int, torch.Tensor]
     labels: torch.Tensor
+    valid: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -57,9 +63,19 @@ def to_model_batch(
     device: torch.device,
     *,
     channels_last: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> MultiScaleBatch:
-    """Move one pipeline batch to ``device`` (non-blocking from pinned memory) and normalise it."""
+    """Move one pipeline batch to ``device`` (non-blocking from pinned memory) and normalise it.
+
+    ``valid``: the host-side padding mask of the batch (see :class:`MultiScaleBatch`); a mask with no
+    padding becomes ``None`` here, on the host, so the trainer's fast path needs no device sync.
+    """
     non_blocking = device.type == "cuda"
+    if valid is not None:
+        valid = valid.view(-1).to(torch.bool)
+        if valid.shape[0] != labels.view(-1).shape[0]:
+            raise ValueError(f"valid mask has {valid.shape[0]} entries for {labels.view(-1).shape[0]} labels")
+        valid = None if bool(valid.all()) else valid.to(device, non_blocking=non_blocking)
     moved = {
         int(scale): normalize_nhwc_uint8(
             t.to(device, non_blocking=non_blocking), channels_last=channels_last
@@ -67,5 +83,5 @@ def to_model_batch(
         for scale, t in images_nhwc.items()
     }
     return MultiScaleBatch(
-        images=moved, labels=labels.to(device, non_blocking=non_blocking).long().view(-1)
+        images=moved, labels=labels.to(device, non_blocking=non_blocking).long().view(-1), valid=valid
     )

@@ -59,6 +59,6 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, pickle payload refused, wrong format ...
         raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise CheckpointError(f"{path} is not an msdali checkpoint (no 'model' entry)")
+    if not isinstance(payload, dict) or not ({"model", "trainer"} & set(payload)):
+        raise CheckpointError(f"{path} is not an msdali checkpoint (no 'model' or 'trainer' entry)")
     return payload

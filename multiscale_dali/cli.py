@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import click
 
 from multiscale_dali.config import ConfigError, TrainConfig, config_from_mapping, load_recipe, recipe_config
-from multiscale_dali.constants import BACKENDS, CONSISTENCY_TYPES, MODES, TASKS
+from multiscale_dali.constants import BACKENDS, CONSISTENCY_TYPES, EXIT_INTERRUPTED, MODES, TASKS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -21,7 +21,7 @@ def _scales(value: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 64,96,128") from None
+        raise ConfigError("scales", f"{value!r} is not a comma-separated list of integers, e.g. 64,96,128") from None
 
 
 # (flag, config field, click type, help). Every flag defaults to None = "not given", so a recipe's
@@ -55,6 +55,9 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--device", "device", str, "auto, cpu, cuda or cuda:N."),
     ("--workers", "workers", int, "DALI threads / torchvision loader workers."),
     ("--seed", "seed", int, "Random seed (data order, crops, initialisation)."),
+    ("--checkpoint-every", "checkpoint_every", int, "Also checkpoint every N steps (0 = at epoch ends only)."),
+    ("--on-bad-file", "on_bad_file", click.Choice(["error", "skip"]), "Unreadable images found by the pre-flight scan: stop, or train without them."),
+    ("--max-image-pixels", "max_image_pixels", int, "Reject images whose header claims more pixels (decompression bombs)."),
 ]
 
 
@@ -67,18 +70,42 @@ def _train_options(func):
     return func
 
 
-def build_train_config(config_path: str | None, flags: dict[str, Any]) -> TrainConfig:
-    """defaults < recipe < flags. Raises click.UsageError naming the flag (or recipe key)."""
+def build_train_config(
+    config_path: str | None, flags: dict[str, Any], *, resumed: dict[str, Any] | None = None
+) -> TrainConfig:
+    """defaults < recipe < flags; when resuming, the checkpoint's configuration replaces the first two.
+
+    Raises click.UsageError naming the flag (or recipe key).
+    """
     try:
-        base = recipe_config(config_path) if config_path else TrainConfig()
+        if resumed is not None:
+            base = config_from_mapping(resumed, source="the checkpoint")
+        else:
+            base = recipe_config(config_path) if config_path else TrainConfig()
         given = {field: flags[field] for _, field, _, _ in TRAIN_FLAGS if flags.get(field) is not None}
         if "scales" in given:
             given["scales"] = _scales(given["scales"])
-        if "out" not in given and (config_path is None or base.out == TrainConfig().out):
+        if "out" not in given and resumed is None and (config_path is None or base.out == TrainConfig().out):
             given["out"] = f"runs/{datetime.now():%Y%m%d-%H%M%S}"
         return config_from_mapping(given, base=base, source="command line")
     except ConfigError as err:
         raise click.UsageError(f"{err.flag}: {err.message}") from None
+
+
+def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | None:
+    """The configuration stored in the checkpoint a resume will use (None: fresh run)."""
+    from multiscale_dali.checkpoint import CheckpointError
+    from multiscale_dali.resume import find_resume_checkpoint
+
+    if resume is None:
+        return None
+    if resume == "auto" and out is None:
+        raise click.UsageError("--resume auto: give the run directory to continue with --out")
+    try:
+        found = find_resume_checkpoint(resume, Path(out or "."))
+    except CheckpointError as err:
+        raise click.UsageError(f"--resume: {err}") from None
+    return None if found is None else found[1]["config"]
 
 
 @contextmanager
@@ -87,8 +114,18 @@ def user_errors() -> Iterator[None]:
     from multiscale_dali.data import DataError
     from multiscale_dali.models import ModelError
 
+    from multiscale_dali.app import RunDirectoryError
+    from multiscale_dali.checkpoint import CheckpointError
+    from multiscale_dali.scan import BadImagesError
+
     try:
         yield
+    except RunDirectoryError as err:
+        raise click.UsageError(f"--out: {err}") from None
+    except CheckpointError as err:
+        raise click.UsageError(f"--resume: {err}") from None
+    except BadImagesError as err:
+        raise click.ClickException(f"{err}\nOr train without them: --on-bad-file skip.") from None
     except DataError as err:
         raise click.UsageError(f"--data: {err}") from None
     except ModelError as err:
@@ -117,18 +154,33 @@ def main(verbose: int, quiet: bool) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML recipe (see `msdali recipes`); flags override its values.")
+@click.option("--resume", default=None, metavar="auto|PATH",
+              help="Continue a run: auto = the checkpoint in --out (fresh start if none), or a checkpoint file.")
+@click.option("--plot", "plot_at_end", is_flag=True, help="Write PNG figures to RUN_DIR/plots at the end (needs the plot extra).")
+@click.option("--tensorboard", is_flag=True, help="Also log per-epoch metrics to RUN_DIR/tensorboard (needs the tensorboard extra).")
 @_train_options
-def train(config_path: str | None, **flags: Any) -> None:
-    """Train a classifier; writes metrics.jsonl, config.json, results.json and best.pt to --out."""
+def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensorboard: bool, **flags: Any) -> None:
+    """Train a classifier; writes metrics.jsonl, config.json, results.json and best.pt to --out.
+
+    SIGTERM/SIGINT stop at the next step with a checkpoint and exit code 75; --resume auto continues.
+    """
     from multiscale_dali.app import run_training
 
-    config = build_train_config(config_path, flags)
+    resumed = _resumed_config(resume, flags.get("out"))
+    config = build_train_config(config_path, flags, resumed=resumed)
     click.echo(f"run directory: {config.out}")
-    with user_errors():
-        result = run_training(config, on_epoch_end=lambda r: click.echo(_format_epoch(r, config.epochs)))
+    with user_errors(), _train_reporter(config, tensorboard=tensorboard, plot=plot_at_end) as reporter:
+        result = run_training(config, resume=resume, on_epoch_end=reporter.epoch_end, on_step=reporter.step)
+    if result.interrupted:
+        click.echo(f"stopped by {result.stop_signal}; checkpoint saved. Continue with: "
+                   f"msdali train --out {config.out} --resume auto")
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(f"backend {result.backend} on {result.device}; best epoch {None if result.best_epoch is None else result.best_epoch + 1}")
     for scale, metrics in result.test.items():
         click.echo(f"test {scale}px: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.1%}")
+    if plot_at_end:
+        for path in _write_plots(config.out):
+            click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -149,6 +201,210 @@ def recipes() -> None:
         except ConfigError as err:
             description = f"(invalid: {err.message})"
         click.echo(f"{str(path.relative_to(RECIPES_DIR.parent)):<44} {description}")
+
+
+
+@main.command()
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Folder to scan (every file under it). Default: the embedded texture photos.")
+@click.option("--max-image-pixels", type=int, default=None, help="Decompression-bomb cap, from the header.")
+@click.option("--manifest", type=click.Path(dir_okay=False), default=None, help="Also write the full report as JSON here.")
+def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -> None:
+    """Check every file by content before training: what is bad, what will be converted.
+
+    Exit code 1 when a bad image is found. Results are cached per file (size, mtime), so a
+    second scan of unchanged files decodes nothing; `msdali train` runs the same scan.
+    """
+    from multiscale_dali.app import scan_cache_path
+    from multiscale_dali.scan import DEFAULT_MAX_PIXELS, scan_tree
+
+    root = Path(data) if data else _default_data_root()
+    if not root.is_dir():
+        raise click.UsageError(f"--data: {root} is not a directory")
+    result = scan_tree(root, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS, cache_path=scan_cache_path(root))
+    for report in result.bad:
+        click.echo(f"BAD       {report.path}: {report.reason}")
+    for report in result.converted:
+        click.echo(f"converted {report.path}: {report.note}")
+    for report in result.ignored:
+        click.echo(f"ignored   {report.path}: {report.reason}")
+    for folder in result.empty_dirs:
+        click.echo(f"empty     {folder}")
+    if manifest:
+        Path(manifest).write_text(result.to_json())
+    counts = result.counts()
+    click.echo(", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" ({result.cached_count} from cache)")
+    if result.bad:
+        sys.exit(1)
+
+
+def _default_data_root() -> Path:
+    from multiscale_dali.sample_data import default_dataset
+
+    return default_dataset()
+
+# ---------------------------------------------------------------------------------------- the user's side
+class _TrainReporter:
+    """What `msdali train` shows per step and per epoch: progress bar, epoch line, TensorBoard scalars."""
+
+    def __init__(self, *, epochs: int, out: str, tensorboard: bool) -> None:
+        from multiscale_dali.progress import EpochProgress
+
+        self.epochs = epochs
+        self.out = out
+        # -q asks for warnings only: no bar either. Otherwise tqdm shows it only on a terminal.
+        quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+        self.progress = EpochProgress(epochs=epochs, stream=sys.stderr, enabled=False if quiet else None)
+        self.tensorboard = tensorboard
+        self._writer = None
+
+    def step(self, event) -> None:
+        self.progress.on_step(event)
+
+    def epoch_end(self, record) -> None:
+        self.progress.close()  # the bar leaves its line before the epoch's summary is printed
+        click.echo(_format_epoch(record, self.epochs))
+        if self.tensorboard:
+            if self._writer is None:  # created at the first epoch: a run refused at start leaves no folder
+                from multiscale_dali.tensorboard_log import TensorBoardLogger
+
+                self._writer = TensorBoardLogger(self.out)
+            self._writer.log_epoch(record)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+@contextmanager
+def _train_reporter(config: TrainConfig, *, tensorboard: bool, plot: bool) -> Iterator[_TrainReporter]:
+    """Check the optional extras before training (not after an hour of it), then report the run."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from multiscale_dali.extras import MissingExtraError
+
+    try:
+        if tensorboard:
+            from multiscale_dali.tensorboard_log import summary_writer_class
+
+            summary_writer_class()
+        if plot:
+            from multiscale_dali.plot import check_plotting_available
+
+            check_plotting_available()
+    except MissingExtraError as err:
+        raise click.UsageError(f"{'--tensorboard' if err.extra == 'tensorboard' else '--plot'}: {err}") from None
+    reporter = _TrainReporter(epochs=config.epochs, out=config.out, tensorboard=tensorboard)
+    try:
+        with logging_redirect_tqdm():  # log lines go above the bar instead of through it
+            yield reporter
+    finally:
+        reporter.close()
+
+
+def _write_plots(run_dir: str | Path) -> list[Path]:
+    from multiscale_dali.extras import MissingExtraError
+    from multiscale_dali.plot import PlotError, plot_run
+
+    try:
+        return plot_run(run_dir)
+    except (MissingExtraError, PlotError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _checkpoint_option(func):
+    return click.option("--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False),
+                        help="A run's best.pt, or its checkpoints/last.pt.")(func)
+
+
+@main.command()
+@_checkpoint_option
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="ImageFolder root. Default: the dataset the run trained on (split the same way).")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="Which split to measure.")
+@click.option("--scales", "scales_text", default=None,
+              help="Comma-separated resolutions, e.g. 96,128,160,192. Default: the run's training scales.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Data pipeline.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=int, default=2, show_default=True, help="DALI threads / loader workers.")
+@click.option("--recalibrate-bn", is_flag=True,
+              help="Also measure each resolution with BatchNorm statistics re-estimated there from train images.")
+@click.option("--bn-batches", type=int, default=50, show_default=True,
+              help="Train batches (at most) that re-estimate the BatchNorm statistics.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the results. Default: eval.json in the run directory.")
+def evaluate(checkpoint: str, data: str | None, split: str, scales_text: str | None, backend: str,
+             batch_size: int, device: str, workers: int, recalibrate_bn: bool, bn_batches: int,
+             json_path: str | None) -> None:
+    """Accuracy, loss (and AUC for binary tasks) of a checkpoint at several resolutions, plus their ensemble."""
+    import json
+
+    from multiscale_dali.evaluate import EvalOptions, default_eval_path, evaluate_checkpoint, format_report
+
+    with user_errors():
+        options = EvalOptions(
+            scales=_scales(scales_text) if scales_text else None, split=split, data=data, backend=backend,
+            device=device, batch_size=batch_size, workers=workers, recalibrate_bn=recalibrate_bn,
+            bn_batches=bn_batches,
+        )
+        report = evaluate_checkpoint(checkpoint, options=options)
+    epoch = "" if report.epoch is None else f" (epoch {report.epoch + 1})"
+    click.echo(f"{report.checkpoint}{epoch}: {report.split} split, {report.num_samples} images, {report.task}; "
+               f"backend {report.backend} on {report.device}")
+    for line in format_report(report):
+        click.echo(line)
+    out = Path(json_path) if json_path else default_eval_path(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@_checkpoint_option
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--scale", type=int, default=None,
+              help="One resolution. Default: the largest scale the model was trained at last.")
+@click.option("--scales", "scales_text", default=None,
+              help="Several resolutions, e.g. 64,96,128: the mean of their probabilities.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def predict(checkpoint: str, images: tuple[str, ...], scale: int | None, scales_text: str | None,
+            device: str) -> None:
+    """Class and probability of each image (tab-separated: path, class, probability)."""
+    from multiscale_dali.app import resolve_device
+    from multiscale_dali.evaluate import ImageError, default_predict_scales, load_model, predict_images
+
+    if scale is not None and scales_text:
+        raise click.UsageError("--scale and --scales: give one of them")
+    with user_errors():
+        loaded = load_model(checkpoint, device=resolve_device(device))
+        scales = (scale,) if scale is not None else (_scales(scales_text) if scales_text
+                                                    else default_predict_scales(loaded))
+        try:
+            predictions = predict_images(loaded, list(images), scales=scales)
+        except ImageError as err:
+            raise click.ClickException(str(err)) from None
+    for prediction in predictions:
+        click.echo(f"{prediction.path}\t{prediction.label}\t{prediction.probability:.4f}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the PNGs. Default: RUN_DIR/plots.")
+def plot(run_dir: str, out_dir: str | None) -> None:
+    """PNG figures of a run: loss/accuracy per scale, the scale schedule, the evaluation sweep (eval.json)."""
+    from multiscale_dali.extras import MissingExtraError
+    from multiscale_dali.plot import PlotError, plot_run
+
+    try:
+        written = plot_run(run_dir, out_dir=out_dir)
+    except (MissingExtraError, PlotError) as err:
+        raise click.ClickException(str(err)) from None
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":  # `python -m multiscale_dali.cli` and `torchrun -m multiscale_dali.cli`

@@ -27,6 +27,9 @@ OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 TEACHERS = ("largest", "mean")
 DEFAULT_DATASETS = ("textures", "textures-binary")
+BAD_FILE_POLICIES = ("error", "skip")
+# What may differ between a checkpoint's configuration and the resuming run's.
+RESUME_MUTABLE_KEYS = frozenset({"epochs", "out", "workers", "checkpoint_every", "device", "on_bad_file"})
 
 
 class ConfigError(ValueError):
@@ -80,6 +83,9 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     seed: int = 0
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = only at epoch ends
+    on_bad_file: str = "error"  # what the pre-flight scan does with unreadable files: error or skip
+    max_image_pixels: int = 89_478_485  # decompression-bomb cap checked from headers (Pillow's default)
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
 
     def __post_init__(self) -> None:
@@ -92,6 +98,7 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("amp", self.amp, AMP_CHOICES)
         _choice("default_dataset", self.default_dataset, DEFAULT_DATASETS)
+        _choice("on_bad_file", self.on_bad_file, BAD_FILE_POLICIES)
         scales = list(self.scales)
         if not scales:
             raise ConfigError("scales", "give at least one scale, e.g. 64,96,128")
@@ -99,7 +106,8 @@ class TrainConfig:
             raise ConfigError("scales", f"scales must be positive, got {scales}")
         if scales != sorted(set(scales)):
             raise ConfigError("scales", f"scales must be strictly increasing, got {scales}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "ramp_multiple": self.ramp_multiple}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "ramp_multiple": self.ramp_multiple,
+                    "max_image_pixels": self.max_image_pixels}
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(key, f"must be >= 1, got {value}")
@@ -109,6 +117,7 @@ class TrainConfig:
             "warmup_epochs": self.warmup_epochs,
             "grad_clip": self.grad_clip,
             "workers": self.workers,
+            "checkpoint_every": self.checkpoint_every,
             "momentum": self.momentum,
         }
         for key, value in non_negative.items():

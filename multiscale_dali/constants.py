@@ -25,5 +25,6 @@ MODES: tuple[str, ...] = ("multiscale", "progressive")
 TASKS: tuple[str, ...] = ("auto", "binary", "multiclass")
 CONSISTENCY_TYPES: tuple[str, ...] = ("kl_divergence", "js", "mse")
 
-# Exit code of `msdali train` when it stopped on SIGTERM/SIGINT after saving a checkpoint.
-EXIT_INTERRUPTED = 130
+# Exit code of `msdali train` when it stopped on SIGTERM/SIGINT after saving a checkpoint:
+# EX_TEMPFAIL from sysexits.h, "try again later", which is what `--resume auto` then does.
+EXIT_INTERRUPTED = 75

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 from multiscale_dali.batch import MultiScaleBatch
 from multiscale_dali.constants import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, EVAL_CROP_FRACTION
@@ -82,7 +82,27 @@ class Loader(Protocol):
         """Yield the batches of ``epoch`` at ``spec.schedule.scales_at(epoch)``.
 
         Epochs are consumed in order 0, 1, 2, ... (a resumed run may start later); every batch of
-        the epoch must be consumed before the next epoch is asked for.
+        the epoch must be consumed before the next epoch is asked for. After :meth:`load_state_dict`,
+        the state's epoch yields only the batches from the saved step on.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the batches consumed so far, for an exact resume in a new process.
+
+        Callable between two batches of an epoch (its generator suspended) and after an epoch's last
+        batch (then ``step == len(self)``). Plain data only (str, int, float, bool, list, dict), so a
+        checkpoint holding it loads with ``torch.load(weights_only=True)``. Always has ``backend``,
+        ``epoch``, ``step`` and ``spec`` (the spec fields it is only valid under); a backend may add
+        its own key (DALI: its serialized pipeline checkpoint).
+        """
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` on a freshly built loader, before any :meth:`epoch` call.
+
+        ``epoch(state["epoch"])`` then yields the batches from ``state["step"]`` on, and later epochs
+        are the ones an uninterrupted run would have produced, bit for bit; when the saved step is the
+        end of the epoch, the caller asks for the next epoch. A state from another backend or another
+        batch size, shard layout, sample count, seed or schedule raises ``ValueError`` naming it.
         """
 
     def close(self) -> None:

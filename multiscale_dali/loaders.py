@@ -45,3 +45,15 @@ def build_loader(spec: LoaderSpec, *, backend: str) -> Loader:
 
         return TorchvisionLoader(spec)
     raise ValueError(f"unknown backend {backend!r}; choose from dali, torchvision")
+
+
+def dali_version() -> str | None:
+    """DALI's version from package metadata, without importing DALI (only its module may)."""
+    from importlib import metadata
+
+    for dist in ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None

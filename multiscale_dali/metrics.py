@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from multiscale_dali.distributed import DistributedContext
 
 
 @dataclass
@@ -47,6 +50,38 @@ class ScaleMeter:
             }
             for scale in sorted(self.loss_sum)
         }
+
+    def reduced(self, context: "DistributedContext") -> "ScaleMeter":
+        """The meter summed over every rank (a collective: all ranks call it); ``self`` in one process.
+
+        Sums and counts add up, so with padded duplicates left out by the trainer each sample counts
+        exactly once. ``skipped`` is not summed: the ranks agree on every skip, so each holds the
+        run's count already. ``self`` is left as it is.
+        """
+        if not context.is_distributed:
+            return self
+        # A rank may lack a key the others have (nothing accumulated yet after a resume): agree on the
+        # union first, or the packed vectors would not line up.
+        known = context.all_gather_object((sorted(self.loss_sum), sorted(self.components)))
+        scales = sorted({s for rank_scales, _ in known for s in rank_scales})
+        names = sorted({n for _, rank_names in known for n in rank_names})
+        zero = torch.zeros((), dtype=torch.float64)
+        values = (
+            [self.loss_sum.get(s, zero) for s in scales]
+            + [self.correct.get(s, zero) for s in scales]
+            + [torch.tensor(self.components.get(n, 0.0), dtype=torch.float64) for n in names]
+            + [torch.tensor(float(self.count), dtype=torch.float64)]
+        )
+        packed = torch.stack([v.to(device=context.device, dtype=torch.float64) for v in values])
+        totals = context.all_reduce_sum(packed).cpu().tolist()
+        width = len(scales)
+        return ScaleMeter(
+            loss_sum={s: torch.tensor(v, dtype=torch.float64) for s, v in zip(scales, totals[:width])},
+            correct={s: torch.tensor(v, dtype=torch.float64) for s, v in zip(scales, totals[width : 2 * width])},
+            components=dict(zip(names, totals[2 * width : 2 * width + len(names)])),
+            count=int(round(totals[-1])),
+            skipped=self.skipped,
+        )
 
     def mean_components(self) -> dict[str, float]:
         return {k: v / max(self.count, 1) for k, v in self.components.items()}

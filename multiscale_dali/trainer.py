@@ -8,6 +8,7 @@ produced the batches.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -17,8 +18,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from multiscale_dali.batch import MultiScaleBatch
+from multiscale_dali.distributed import DistributedContext
 from multiscale_dali.losses import ScaleConsistencyLoss, base_loss, predict
 from multiscale_dali.metrics import ScaleMeter
 from multiscale_dali.schedule import ScaleSchedule
@@ -103,6 +106,9 @@ class StepEvent:
     step: int  # steps done in this epoch
     global_step: int
     batch_size: int
+    # The step's total loss, detached and still on the device: calling .item() forces a device
+    # sync, so a progress display should read it only every few steps. None when unknown.
+    loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -128,10 +134,18 @@ class MultiScaleTrainer:
         options: TrainerOptions,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         device: torch.device | str = "cpu",
+        distributed: DistributedContext | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.distributed = distributed or DistributedContext(device=self.device)
         self.net = model  # the bare network: what checkpoints and evaluation use
         self.model: nn.Module = MultiScaleModel(model)
+        if self.distributed.is_distributed:
+            # One DDP wrapper around all scales: one forward and one backward per step, which is what
+            # DDP's gradient hooks expect. Construction broadcasts rank 0's weights to every rank.
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.loss = loss
         self.task = loss.task
         self.optimizer = optimizer
@@ -153,6 +167,7 @@ class MultiScaleTrainer:
         self._meter: ScaleMeter | None = None
         self._meter_epoch = -1
         self._epoch_seconds = 0.0
+        self._last_loss: torch.Tensor | None = None  # the latest step's total, for StepEvent
 
     # ------------------------------------------------------------------ hooks for subclasses
     def train_scales(self, epoch: int) -> tuple[int, ...]:
@@ -173,22 +188,36 @@ class MultiScaleTrainer:
             enabled=self.options.amp_dtype is not None,
         )
 
+    def _no_sync(self, active: bool):
+        """DDP's ``no_sync`` (gradients accumulate locally, no all-reduce) when ``active``."""
+        if active and isinstance(self.model, DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
     def _step(self, batch: MultiScaleBatch, meter: ScaleMeter) -> bool:
         """One optimisation step; False when it was skipped for a non-finite loss."""
         self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP a backward all-reduces the gradients and waits for every rank, so a rank whose
+        # loss is non-finite still runs it; the ranks then agree to skip the step together.
+        backward_always = self.distributed.is_distributed
         if self.options.memory_efficient and len(batch.images) > 1:
-            total, components, logits = self._backward_one_scale_at_a_time(batch)
+            total, components, logits = self._backward_one_scale_at_a_time(batch, backward_always=backward_always)
         else:
             with self._autocast():
                 logits = self.model(batch.images)
                 total, components = self.loss(logits, batch.labels)
-            if torch.isfinite(total):
+            if backward_always or torch.isfinite(total):
                 self.scaler.scale(total).backward()
-        if not torch.isfinite(total):
+        self._last_loss = total.detach()
+        finite = bool(torch.isfinite(total))
+        if self.distributed.is_distributed:
+            finite = not self.distributed.any_rank(not finite)
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite_in_a_row += 1
             meter.skipped += 1
-            log.warning("non-finite loss at step %d: step skipped", self.global_step)
+            log.warning("non-finite loss at step %d%s: step skipped", self.global_step,
+                        "" if not torch.isfinite(total) else " on another rank")
             if self._nonfinite_in_a_row >= self.options.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss "
@@ -206,32 +235,57 @@ class MultiScaleTrainer:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
+        count = 0
         for scale, out in logits.items():
             # The loss already computed each scale's base loss; only accuracy is new work.
-            meter.update(scale, components[f"base_{scale}"], predict(out, task=self.task) == batch.labels,
-                         batch.batch_size)
-        meter.add_samples(batch.batch_size)
-        meter.add_components(components, batch.batch_size)
+            loss_mean, hits, count = self._metric_terms(out, batch, components[f"base_{scale}"])
+            meter.update(scale, loss_mean, hits, count)
+        meter.add_samples(count)
+        # Components are batch means over every sample, padding included (as the gradient is).
+        meter.add_components(components, count)
         return True
 
-    def _backward_one_scale_at_a_time(self, batch: MultiScaleBatch):
+    def _metric_terms(
+        self, logits: torch.Tensor, batch: MultiScaleBatch, loss_mean: torch.Tensor | float | None = None
+    ) -> tuple[torch.Tensor | float, torch.Tensor, int]:
+        """``(mean base loss, per-sample hits, sample count)`` over the batch's real samples.
+
+        Padded duplicates (``batch.valid`` False) are left out, so once the ranks' sums are added up
+        every sample counts exactly once. ``loss_mean``: the whole batch's, reused when nothing is left out.
+        """
+        logits, labels = logits.detach(), batch.labels
+        if batch.valid is not None:
+            logits, labels, loss_mean = logits[batch.valid], labels[batch.valid], None
+        count = int(labels.shape[0])
+        if count == 0:
+            # A batch of padding only: still recorded, so every rank's meter knows every scale.
+            return 0.0, labels.new_zeros(0, dtype=torch.bool), 0
+        if loss_mean is None:
+            loss_mean = base_loss(logits, labels, task=self.task)
+        return loss_mean, predict(logits, task=self.task) == labels, count
+
+    def _backward_one_scale_at_a_time(self, batch: MultiScaleBatch, *, backward_always: bool = False):
         """Largest scale first, then each smaller scale against the detached largest-scale target.
 
         Only one scale's activations are alive at a time; the gradients equal the naive step's when
         the teacher is the detached largest scale (the consistency term does not flow into it).
+        Under DDP every backward but the last runs in ``no_sync``: gradients of the scales add up
+        locally and the last backward all-reduces the sum once (DDP's gradient-accumulation pattern),
+        so each forward is followed by its own backward and DDP never sees two forwards in a row.
         """
         scales = sorted(batch.images, reverse=True)
         logits: dict[int, torch.Tensor] = {}
         teacher: torch.Tensor | None = None
         total = torch.zeros((), device=self.device)
-        for scale in scales:
-            with self._autocast():
-                out = self.net(batch.images[scale])
-                term = self.loss.scale_term(
-                    out, batch.labels, teacher, num_scales=len(scales), is_teacher=teacher is None
-                )
-            if torch.isfinite(term):
-                self.scaler.scale(term).backward()
+        for index, scale in enumerate(scales):
+            with self._no_sync(index < len(scales) - 1):
+                with self._autocast():
+                    out = self.model({scale: batch.images[scale]})[scale]
+                    term = self.loss.scale_term(
+                        out, batch.labels, teacher, num_scales=len(scales), is_teacher=teacher is None
+                    )
+                if backward_always or torch.isfinite(term):
+                    self.scaler.scale(term).backward()
             total = total + term.detach().float()
             logits[scale] = out.detach()
             if teacher is None:
@@ -263,21 +317,24 @@ class MultiScaleTrainer:
             self.step_in_epoch += 1
             if on_step is not None:
                 on_step(StepEvent(epoch=epoch, step=self.step_in_epoch, global_step=self.global_step,
-                                  batch_size=batch.batch_size))
+                                  batch_size=batch.batch_size, loss=self._last_loss))
             if should_stop is not None and should_stop():
                 self._epoch_seconds += time.perf_counter() - start
                 return None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        # Summed over the ranks (every rank calls this at the same step); timed after the reduction,
+        # so images/s is the whole run's: all ranks' samples over the slowest rank's time.
+        totals = meter.reduced(self.distributed)
         seconds = self._epoch_seconds + time.perf_counter() - start
         self.epoch, self.step_in_epoch, self._meter = epoch + 1, 0, None
         return EpochRecord(
             epoch=epoch,
             scales=self.train_scales(epoch),
-            train=meter.compute(),
+            train=totals.compute(),
             val={},
-            train_loss_components=meter.mean_components(),
-            images_per_second=meter.count / seconds if seconds > 0 else math.nan,
+            train_loss_components=totals.mean_components(),
+            images_per_second=totals.count / seconds if seconds > 0 else math.nan,
             seconds=seconds,
             lr=self.optimizer.param_groups[0]["lr"],
             skipped_steps=meter.skipped,
@@ -287,25 +344,27 @@ class MultiScaleTrainer:
     def evaluate(
         self, batches: Iterable[MultiScaleBatch], scales: Iterable[int] | None = None
     ) -> dict[int, dict[str, float]]:
-        """Plain base loss and accuracy per scale; ``scales`` restricts which outputs are run."""
+        """Plain base loss and accuracy per scale; ``scales`` restricts which outputs are run.
+
+        Distributed: every rank evaluates its shard with rank 0's BatchNorm statistics, padded
+        duplicates are left out, and the sums are added over the ranks (a collective: every rank
+        calls it), so the result equals a single process evaluating the whole split.
+        """
         self.net.eval()
+        self.distributed.broadcast_buffers(self.net)
         wanted = None if scales is None else set(scales)
         meter = ScaleMeter()
         for batch in batches:
             images = {s: x for s, x in batch.images.items() if wanted is None or s in wanted}
             if not images:
                 raise ValueError(f"evaluation asked for scales {sorted(wanted)}, batch has {batch.scales}")
+            count = 0
             with self._autocast():
                 for scale, x in images.items():
-                    out = self.net(x).float()
-                    meter.update(
-                        scale,
-                        base_loss(out, batch.labels, task=self.task),
-                        predict(out, task=self.task) == batch.labels,
-                        batch.batch_size,
-                    )
-            meter.add_samples(batch.batch_size)
-        return meter.compute()
+                    loss_mean, hits, count = self._metric_terms(self.net(x).float(), batch)
+                    meter.update(scale, loss_mean, hits, count)
+            meter.add_samples(count)
+        return meter.reduced(self.distributed).compute()
 
     def _update_best(self, record: EpochRecord) -> None:
         metrics = record.val.get(self.selection_scale(record.epoch))
@@ -357,6 +416,8 @@ class MultiScaleTrainer:
         """Everything needed to continue bit-for-bit, as plain dicts and tensors (weights_only-safe).
 
         The best weights are not in here (they live in their own file); only their score.
+        Distributed: a collective (the partial epoch's metrics are summed over the ranks), so every
+        rank calls it at the same step.
         """
         state: dict[str, Any] = {
             "model": self.net.state_dict(),
@@ -367,7 +428,8 @@ class MultiScaleTrainer:
             "best_score": None if self.best_score is None else list(self.best_score),
             "best_epoch": self.best_epoch,
             "nonfinite_in_a_row": self._nonfinite_in_a_row,
-            "meter": None if self._meter is None else self._meter.state_dict(),
+            # Distributed: the partial epoch's sums over every rank (a collective), which rank 0 saves.
+            "meter": None if self._meter is None else self._meter.reduced(self.distributed).state_dict(),
             "epoch_seconds": self._epoch_seconds,
         }
         if self.lr_scheduler is not None:
@@ -398,6 +460,10 @@ class MultiScaleTrainer:
         self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         meter = state.get("meter")
         self._meter = None if meter is None else ScaleMeter.from_state_dict(meter)
+        if self._meter is not None and not self.distributed.is_main:
+            # The saved sums already cover every rank; rank 0 carries them on, the others restart from
+            # zero, so the next reduction adds each sample once.
+            self._meter = ScaleMeter(skipped=self._meter.skipped)
         self._meter_epoch = self.epoch if meter is not None else -1
         self._epoch_seconds = float(state.get("epoch_seconds", 0.0))
 

@@ -7,7 +7,10 @@ from typing import Sequence
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from multiscale_dali.constants import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((96, 64), (80, 120), (100, 100), (150, 90), (70, 110))
 
@@ -58,7 +61,28 @@ def make_jpeg_folder(
     return files, labels
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Undo ``batch.normalize_nhwc_uint8``: float ``[B, 3, H, W]`` back to the pipeline's uint8 pixels.
+
+    Exact: the float32 round trip is off by far less than half a level, so rounding recovers the byte.
+    """
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images * std + mean).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
 @pytest.fixture
 def jpeg_folder(tmp_path: Path) -> tuple[list[str], list[int]]:
     """Eight JPEGs of mixed sizes in two classes."""
     return make_jpeg_folder(tmp_path / "images", classes=2, per_class=4)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the embedded dataset and scan manifests out of the user's ~/.cache during tests.
+
+    One directory per session: the embedded dataset is materialised once and shared by tests.
+    """
+    cache = tmp_path_factory.getbasetemp() / "msdali-cache"
+    monkeypatch.setenv("MSDALI_CACHE", str(cache))
+    return cache

@@ -1,0 +1,345 @@
+"""The torchvision fallback backend, with the DALI backend's semantics.
+
+Each sample is decoded once, cropped once and flipped once; the crop is resized to the largest scale
+of the epoch and every smaller scale is resized from that output (see ``loader_spec`` for the rules).
+
+Workers hold no state that changes between epochs: the main-process batch sampler hands each worker
+``(index, epoch, scales)`` keys, and every random draw of a sample is seeded from
+``(seed, epoch, index)``, so a run is reproducible whatever the number of workers and a resumed run
+at epoch ``e`` sees exactly what the uninterrupted run saw.
+
+This module also holds the pure geometry and ordering helpers the DALI backend mirrors, so both
+backends read one definition of the eval crop and the shard layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from fractions import Fraction
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as F
+
+from multiscale_dali.batch import MultiScaleBatch, to_model_batch
+from multiscale_dali.loader_spec import LoaderSpec
+
+log = logging.getLogger(__name__)
+
+SampleKey = tuple[int, int, tuple[int, ...]]  # (sample index, epoch, scales of that epoch)
+
+_CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop and DALI's random crop generator
+# Seed streams of derived_seed; DALI uses the same numbers for its reader shuffle and its augmentations.
+SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1
+
+
+def derived_seed(seed: int, epoch: int, *, stream: int) -> int:
+    """A 31-bit seed for ``(seed, epoch, stream)``: independent streams, valid for DALI and NumPy."""
+    entropy = [seed % 2**32, epoch, stream]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def eval_crop_ratio(fraction: float) -> tuple[int, int]:
+    """``fraction`` as a small exact ratio, so every backend computes the same integer crop side."""
+    ratio = Fraction(fraction).limit_denominator(1000)
+    return ratio.numerator, ratio.denominator
+
+
+def eval_crop_box(height: int, width: int, fraction: float) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the centre square of side ``fraction * min(height, width)``, floored."""
+    num, den = eval_crop_ratio(fraction)
+    side = max(min(height, width) * num // den, 1)
+    return (height - side) // 2, (width - side) // 2, side
+
+
+def padded_sample_order(num_samples: int, num_shards: int, order: Sequence[int] | None = None) -> list[int]:
+    """``order`` (default ``0..n-1``) cycled to ``ceil(n / shards) * shards`` entries.
+
+    Shard ``k`` reads the ``k``-th contiguous block of the result (DALI's reader layout), so every
+    shard has exactly ``LoaderSpec.shard_size`` samples; the few padding samples repeat the head, as
+    ``DistributedSampler`` does.
+    """
+    order = list(range(num_samples)) if order is None else list(order)
+    total = math.ceil(num_samples / num_shards) * num_shards
+    return [order[i % num_samples] for i in range(total)]
+
+
+def shard_indices(spec: LoaderSpec, epoch: int) -> list[int]:
+    """This shard's sample indices for ``epoch``: a global (seed, epoch) shuffle in train, file order in eval."""
+    count = len(spec.files)
+    order = None
+    if spec.train:
+        order = np.random.default_rng(derived_seed(spec.seed, epoch, stream=SHUFFLE_STREAM)).permutation(count)
+    padded = padded_sample_order(count, spec.num_shards, order)
+    start = spec.shard_id * spec.shard_size
+    return [int(i) for i in padded[start : start + spec.shard_size]]
+
+
+def padding_mask(spec: LoaderSpec, step: int, size: int) -> torch.Tensor | None:
+    """Which of the ``size`` samples of batch ``step`` of this shard are real, as a bool tensor.
+
+    Padding is the tail of :func:`padded_sample_order` (positions ``>= len(spec.files)``) whatever the
+    shuffle, and shard ``k`` reads the ``k``-th contiguous block, so the position alone tells a padded
+    duplicate from its original. ``None`` when the batch holds no padding (almost every batch).
+    """
+    first = spec.shard_id * spec.shard_size + step * spec.batch_size
+    if first + size <= len(spec.files):
+        return None
+    return torch.arange(first, first + size) < len(spec.files)
+
+
+def resume_fields(spec: LoaderSpec) -> dict[str, Any]:
+    """The spec fields a loader state is only valid under, as plain data.
+
+    A step index means the same batches only for the same sample count, batch size, shard layout,
+    last-batch rule and schedule, and the same batches only for the same seed; a state saved under
+    any other value would resume silently at the wrong place, so loading it is refused.
+    """
+    return {
+        "train": spec.train,
+        "num_samples": len(spec.files),
+        "batch_size": spec.batch_size,
+        "num_shards": spec.num_shards,
+        "shard_id": spec.shard_id,
+        "drop_last": spec.drop_last,
+        "seed": spec.seed,
+        "schedule": spec.schedule.to_dict(),
+    }
+
+
+def loader_state(backend: str, spec: LoaderSpec, epoch: int, step: int) -> dict[str, Any]:
+    """The backend-independent part of every loader's ``state_dict``."""
+    return {"backend": backend, "epoch": epoch, "step": step, "spec": resume_fields(spec)}
+
+
+def check_loader_state(state: Mapping[str, Any], spec: LoaderSpec, *, backend: str) -> tuple[int, int]:
+    """``(epoch, step)`` of a state made by :func:`loader_state`; ``ValueError`` naming what differs."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"a loader state is a dict, got {type(state).__name__}")
+    if state.get("backend") != backend:
+        raise ValueError(f"loader state is from backend {state.get('backend')!r}, this loader is {backend!r}")
+    saved = state.get("spec")
+    if not isinstance(saved, Mapping):
+        raise ValueError("loader state has no 'spec' fields to check it against this loader")
+    for name, value in resume_fields(spec).items():
+        if saved.get(name) != value:
+            raise ValueError(f"loader state has {name}={saved.get(name)!r}, this loader has {name}={value!r}")
+    epoch, step = state.get("epoch"), state.get("step")
+    # bool is an int subclass; True as an epoch is a corrupt state, not epoch 1.
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, step)):
+        raise ValueError(f"loader state needs integer epoch and step, got {epoch!r} and {step!r}")
+    if epoch < 0 or not 0 <= step <= spec.steps_per_epoch:
+        raise ValueError(
+            f"loader state position epoch={epoch} step={step} is outside 0 <= step <= "
+            f"{spec.steps_per_epoch} (batches per epoch)"
+        )
+    return epoch, step
+
+
+def epoch_batches(spec: LoaderSpec, epoch: int) -> list[list[SampleKey]]:
+    """The batches of ``epoch`` on this shard, each a list of ``(index, epoch, scales)`` keys."""
+    scales = tuple(spec.schedule.scales_at(epoch))
+    keys = [(index, epoch, scales) for index in shard_indices(spec, epoch)]
+    batches = [keys[i : i + spec.batch_size] for i in range(0, len(keys), spec.batch_size)]
+    return batches[: spec.steps_per_epoch]  # drops the partial batch exactly when the spec does
+
+
+class ScheduledBatchSampler(Sampler[list[SampleKey]]):
+    """Batch sampler of one epoch at a time; like ``DistributedSampler``, ``set_epoch`` picks which.
+
+    The epoch lives only in the main process; workers get it inside each key.
+    """
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self._epoch = 0
+        self._first_step = 0
+
+    def set_epoch(self, epoch: int, *, first_step: int = 0) -> None:
+        """Pick the epoch; ``first_step`` > 0 starts it at that batch (a resumed run)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= first_step <= self.spec.steps_per_epoch:
+            raise ValueError(f"first_step must be in [0, {self.spec.steps_per_epoch}], got {first_step}")
+        self._epoch = epoch
+        self._first_step = first_step
+
+    def __len__(self) -> int:
+        return self.spec.steps_per_epoch - self._first_step
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        # Computed eagerly: the DataLoader calls iter() when an epoch starts, and the batches must
+        # belong to the epoch set at that moment, not whichever is set when the first batch is drawn.
+        # Slicing the keys skips batches before any worker sees them: nothing skipped is decoded.
+        return iter(epoch_batches(self.spec, self._epoch)[self._first_step :])
+
+
+def load_rgb(path: str) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` of any image file, EXIF orientation applied (as DALI's decoder does)."""
+    try:
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, ValueError) as err:
+        log.debug("torchvision cannot decode %s (%s); trying PIL", path, err)
+        return _load_rgb_pil(path)
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _load_rgb_pil(path: str) -> torch.Tensor:
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns up to twice its pixel cap; an image that large is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                rgb = ImageOps.exif_transpose(image).convert("RGB")  # palette, CMYK, RGBA, L -> RGB
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise RuntimeError(f"cannot decode image file {path!r}: {err}") from err
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+def random_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    area: tuple[float, float],
+    aspect: tuple[float, float],
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a RandomResizedCrop-style crop; the centre fallback clamps the aspect."""
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    for _ in range(_CROP_ATTEMPTS):
+        target = height * width * rng.uniform(*area)
+        ratio = math.exp(rng.uniform(*log_aspect))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < aspect[0]:
+        w, h = width, int(round(width / aspect[0]))
+    elif in_ratio > aspect[1]:
+        h, w = height, int(round(height * aspect[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize(image: torch.Tensor, scale: int) -> torch.Tensor:
+    return F.resize(image, [scale, scale], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+
+
+class MultiScaleImageDataset(Dataset):
+    """Map-style dataset keyed by :data:`SampleKey`; returns ``({scale: uint8 [s, s, 3]}, label)``."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.spec.files)
+
+    def __getitem__(self, key: SampleKey) -> tuple[dict[int, torch.Tensor], int]:
+        index, epoch, scales = key
+        image = load_rgb(self.spec.files[index])
+        crop, flip = self._crop_and_flip(image, epoch, index)
+        largest = _resize(crop, scales[-1])
+        if flip:
+            largest = largest.flip(-1)
+        # Smaller scales come from the largest output: the same region, and far fewer pixels to filter.
+        outputs = {s: _resize(largest, s) for s in scales[:-1]}
+        outputs[scales[-1]] = largest
+        return {s: t.permute(1, 2, 0).contiguous() for s, t in outputs.items()}, int(self.spec.labels[index])
+
+    def _crop_and_flip(self, image: torch.Tensor, epoch: int, index: int) -> tuple[torch.Tensor, bool]:
+        height, width = image.shape[-2:]
+        if not self.spec.train:
+            top, left, side = eval_crop_box(height, width, self.spec.eval_crop_fraction)
+            return image[:, top : top + side, left : left + side], False
+        rng = np.random.default_rng([derived_seed(self.spec.seed, epoch, stream=AUGMENT_STREAM), index])
+        top, left, h, w = random_crop_box(
+            rng, height, width, area=self.spec.crop_area, aspect=self.spec.crop_aspect
+        )
+        return image[:, top : top + h, left : left + w], bool(rng.random() < 0.5)
+
+
+class TorchvisionLoader:
+    """:class:`~multiscale_dali.loader_spec.Loader` on a torch ``DataLoader`` (no DALI needed).
+
+    Every batch is a pure function of ``(spec, epoch, step)``, so the resume state is that position
+    and nothing else.
+    """
+
+    backend = "torchvision"
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self._device = torch.device(spec.device)
+        self._position: tuple[int, int] | None = None  # (epoch, batches of it consumed)
+        self._resume: tuple[int, int] | None = None  # loaded position, until the next epoch() call
+        self._sampler = ScheduledBatchSampler(spec)
+        self._loader: DataLoader | None = DataLoader(
+            MultiScaleImageDataset(spec),
+            batch_sampler=self._sampler,
+            num_workers=spec.num_workers,
+            pin_memory=self._device.type == "cuda",
+            persistent_workers=spec.num_workers > 0,
+        )
+
+    def __len__(self) -> int:
+        return self.spec.steps_per_epoch
+
+    def epoch(self, epoch: int) -> Iterator[MultiScaleBatch]:
+        if self._loader is None:
+            raise RuntimeError("this TorchvisionLoader is closed")
+        first_step = self._first_step(epoch)
+        self._sampler.set_epoch(epoch, first_step=first_step)
+        self._position = (epoch, first_step)
+        # iter() now, so the sampler reads this epoch even if the caller starts consuming later.
+        return self._batches(iter(self._loader), epoch, first_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the batches consumed so far: ``{"backend", "epoch", "step", "spec"}``."""
+        if self._loader is None:
+            raise RuntimeError("this TorchvisionLoader is closed")
+        position = self._position or self._resume
+        if position is None:
+            raise RuntimeError("no epoch has been started, so there is no position to save")
+        return loader_state(self.backend, self.spec, *position)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Make the next ``epoch(e)`` of the state's epoch yield only its unconsumed batches."""
+        if self._loader is None:
+            raise RuntimeError("this TorchvisionLoader is closed")
+        if self._position is not None:
+            raise RuntimeError("load_state_dict must be called before the first epoch()")
+        self._resume = check_loader_state(state, self.spec, backend=self.backend)
+
+    def close(self) -> None:
+        # Dropping the last reference to the DataLoader and its iterator shuts persistent workers down.
+        self._loader = None
+
+    def _first_step(self, epoch: int) -> int:
+        if self._resume is None:
+            return 0
+        resume_epoch, step = self._resume
+        if epoch < resume_epoch:
+            raise ValueError(f"the loaded state resumes at epoch {resume_epoch}, epoch {epoch} was asked for")
+        self._resume = None
+        return step if epoch == resume_epoch else 0
+
+    def _batches(self, batches: Iterator, epoch: int, first_step: int) -> Iterator[MultiScaleBatch]:
+        scales = self.spec.schedule.scales_at(epoch)
+        for step, (images, labels) in enumerate(batches, start=first_step + 1):
+            if sorted(images) != list(scales):
+                raise RuntimeError(f"epoch {epoch} produced scales {sorted(images)}, schedule says {list(scales)}")
+            valid = padding_mask(self.spec, step - 1, len(labels))
+            batch = to_model_batch(images, labels, self._device, channels_last=self.spec.channels_last, valid=valid)
+            # Counted before the yield: while the caller holds this batch, it has been consumed.
+            self._position = (epoch, step)
+            yield batch

@@ -1,0 +1,191 @@
+"""`msdali train` end to end: both backends, both modes, bad input, resume, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_jpeg_folder
+from multiscale_dali.app import run_training
+from multiscale_dali.cli import main
+from multiscale_dali.config import TrainConfig
+from multiscale_dali.constants import EXIT_INTERRUPTED
+
+BACKENDS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("nvidia") is None, reason="DALI not installed"))]
+SMALL = ["--scales", "32,48", "--batch-size", "8", "--workers", "1", "--model", "tiny_cnn"]
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "images"
+    make_jpeg_folder(root, classes=2, per_class=20, sizes=[(64, 48), (48, 64), (56, 56)])
+    return root
+
+
+def _train(*args: str) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["trainer"]["model"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["multiscale", "progressive"])
+def test_train_writes_metrics_config_results_and_model(tmp_path, image_root, backend, mode):
+    out = tmp_path / "run"
+    result = _train("--data", str(image_root), "--out", str(out), "--backend", backend, "--mode", mode,
+                    "--epochs", "2", "--consistency-weight", "0.5", *SMALL)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    assert all(x["backend"] == backend and x["mode"] == mode for x in lines)
+    expected_train = [["32", "48"], ["32", "48"]] if mode == "multiscale" else [["32"], ["48"]]
+    assert [sorted(x["train"]) for x in lines] == expected_train
+    assert all(0 <= m["accuracy"] <= 1 for x in lines for m in x["val"].values())
+    assert lines[0]["images_per_second"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["backend"] == backend and config["config"]["scales"] == [32, 48]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]) == ({"32", "48"} if mode == "progressive" else {"32", "48"})
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["classes"] == ["class_0", "class_1"] and best["task"] == "binary"
+    assert "test 48px" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--scales", "64,32"], "--scales"),
+        (["--scales", "0,64"], "--scales"),
+        (["--scales", "a,b"], "--scales"),
+        (["--model", "resnet9000"], "--model"),
+        (["--data", "/no/such/folder"], "--data"),
+        (["--consistency-type", "kl"], "--consistency-type"),
+        (["--epochs", "0"], "--epochs"),
+    ],
+)
+def test_bad_flag_is_a_one_line_error_naming_it_with_exit_code_2(tmp_path, args, flag):
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2, result.output
+    assert flag in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path, image_root):
+    out = tmp_path / "run"
+    assert _train("--data", str(image_root), "--out", str(out), "--epochs", "1", *SMALL).exit_code == 0
+    before = (out / "metrics.jsonl").read_text()
+    result = CliRunner().invoke(main, ["train", "--data", str(image_root), "--out", str(out), *SMALL])
+    assert result.exit_code == 2 and "--resume auto" in result.output
+    assert (out / "metrics.jsonl").read_text() == before, "nothing already written is lost"
+
+
+def test_bad_image_stops_before_training_unless_skipped(tmp_path):
+    root = tmp_path / "images"
+    make_jpeg_folder(root, classes=2, per_class=8)
+    good = (root / "class_1" / "img_000.jpg").read_bytes()
+    (root / "class_1" / "broken.jpg").write_bytes(good[: len(good) // 2])
+    failed = CliRunner().invoke(main, ["train", "--data", str(root), "--out", str(tmp_path / "a"), *SMALL])
+    assert failed.exit_code == 1 and "broken.jpg" in failed.output
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    skipped = _train("--data", str(root), "--out", str(tmp_path / "b"), "--on-bad-file", "skip",
+                     "--epochs", "1", *SMALL)
+    assert skipped.exit_code == 0, skipped.output
+    summary = json.loads((tmp_path / "b" / "config.json").read_text())["dataset"]["splits"]
+    assert sum(s["total"] for s in summary.values()) == 16, "the broken file is not trained on"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["multiscale", "progressive"])
+def test_resumed_run_ends_with_bit_identical_weights(tmp_path, image_root, backend, mode):
+    common = ["--data", str(image_root), "--backend", backend, "--mode", mode, "--lr-schedule", "constant",
+              "--schedule", "0:32,2:48", "--consistency-weight", "0.5", *SMALL]
+    assert _train(*common, "--epochs", "3", "--out", str(tmp_path / "full")).exit_code == 0
+    assert _train(*common, "--epochs", "2", "--out", str(tmp_path / "part")).exit_code == 0
+    resumed = _train("--resume", "auto", "--epochs", "3", "--out", str(tmp_path / "part"))
+    assert resumed.exit_code == 0, resumed.output
+    full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_resume_refuses_a_changed_setting_naming_the_flag(tmp_path, image_root):
+    out = tmp_path / "run"
+    assert _train("--data", str(image_root), "--out", str(out), "--epochs", "1", *SMALL).exit_code == 0
+    result = CliRunner().invoke(main, ["train", "--resume", "auto", "--out", str(out), "--scales", "32,64"])
+    assert result.exit_code == 2 and "--scales" in result.output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_mid_epoch_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, image_root, backend):
+    config = TrainConfig(data=str(image_root), backend=backend, scales=(32, 48), batch_size=8, workers=1,
+                         epochs=2, consistency_weight=0.5)
+    run_training(config.replace(out=str(tmp_path / "full")))
+
+    def terminate_at_step_3(event):
+        if event.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = run_training(config.replace(out=str(tmp_path / "cut")), on_step=terminate_at_step_3)
+    assert stopped.interrupted and stopped.stop_signal == "SIGTERM"
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["trainer"]["global_step"] == 3
+    run_training(config.replace(out=str(tmp_path / "cut")), resume="auto")
+    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, image_root, caplog):
+    out = tmp_path / "run"
+    assert _train("--data", str(image_root), "--out", str(out), "--epochs", "2", *SMALL).exit_code == 0
+    last = out / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    resumed = _train("--resume", "auto", "--epochs", "3", "--out", str(out))
+    assert resumed.exit_code == 0, resumed.output
+    lines = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [0, 1, 2], "epoch 1 is retrained from the previous checkpoint, never from scratch"
+    assert (out / "metrics.superseded.jsonl").exists()
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"trainer": {"model": {}}, "config": {}, "x": Payload()}, bad)
+    result = CliRunner().invoke(main, ["train", "--resume", str(bad), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "evil.pt" in result.output
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_cli_exits_75_with_a_checkpoint(tmp_path, image_root):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "multiscale_dali.cli", "train", "--data", str(image_root), "--out", str(out),
+           "--epochs", "200", "--checkpoint-every", "1", "--backend", "torchvision", *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, output
+    assert "--resume auto" in output
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["trainer"]["global_step"] >= 1
