@@ -12,12 +12,14 @@ Every backend reads the same files at the same scales and batch size on the same
 Method (the same for every backend):
 
 * The files are read once beforehand so every backend starts from a warm OS page cache.
-* A short file list is repeated until one epoch holds the whole measurement: ImageNet epochs are
+* A short file list is repeated until one epoch holds a whole trial: ImageNet epochs are
   thousands of batches long, and an epoch boundary every few batches would measure worker and
   pipeline restarts instead of steady state.
-* Time to first batch (construction included) is reported on its own; ``warmup`` batches after it
-  are excluded; then ``repeats`` back-to-back windows of ``iters`` batches each are timed, and the
-  median window is reported with the min and max.
+* A trial builds a fresh loader and times its first batch (construction included) on its own,
+  skips ``warmup`` batches, then times one window of ``iters`` batches. Every case (backend x
+  worker count) runs one trial per round, for ``repeats`` rounds, so load from other jobs on a
+  shared machine spreads over all cases instead of hitting whichever ran at the time. Medians over
+  the rounds are reported with min and max; each window also records the 1-minute load average.
 * Every output is consumed (one pixel per image and channel of every scale, and the labels, summed
   on the device) and CUDA is synchronised before each clock read, so no work escapes the clock.
 * torchvision and the baseline are swept over DataLoader worker counts and compared at their best.
@@ -44,9 +46,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -87,6 +89,7 @@ MEMORY_WARMUP_SAMPLES = 2
 MEMORY_PROBE_TIMEOUT_S = 900
 BYTES_PER_MIB = 2**20
 BYTES_PER_KIB = 1024
+PAGE_CACHE_READ_BYTES = 1 << 20
 # Header reads for the dataset description: enough for a mean, cheap on a large folder.
 DESCRIBE_MAX_FILES = 200
 
@@ -100,7 +103,8 @@ GPU_GOALS: tuple[tuple[str, str, str, str, float], ...] = (
     ("dali_vs_best_torchvision", "DALI 3-scale vs torchvision (best workers)", "dali_vs_torchvision", ">=", 3.0),
     ("dali_vs_1scale", "DALI 3-scale vs DALI 1-scale", "dali_vs_dali-1scale", ">=", 0.9),
     ("dali_vs_decode_only", "DALI 3-scale vs DALI decode-only ceiling", "dali_vs_decode_only", ">=", 0.8),
-    ("training_dali_vs_synthetic", "training step with DALI vs synthetic tensors", "training_dali_vs_synthetic", ">=", 0.95),
+    ("training_dali_vs_synthetic", "training step with DALI vs synthetic tensors",
+     "training_dali_vs_synthetic", ">=", 0.95),
     ("memory_efficient_vs_naive", "memory-efficient step peak vs naive", "memory_efficient_vs_naive", "<=", 0.5),
 )
 
@@ -161,9 +165,9 @@ def thread_counts(*, cpu_count: int) -> tuple[int, ...]:
     return default_worker_counts(cpu_count=cpu_count, cuda=True)
 
 
-def samples_needed(*, batch_size: int, warmup: int, iters: int, repeats: int) -> int:
-    """Samples one measurement consumes: the first batch, the warm-up and every timed window."""
-    return (1 + warmup + iters * repeats) * batch_size
+def samples_needed(*, batch_size: int, warmup: int, iters: int) -> int:
+    """Samples one trial consumes: the first batch, the warm-up and the timed window."""
+    return (1 + warmup + iters) * batch_size
 
 
 def repeat_to_fill(
@@ -339,7 +343,7 @@ def make_loader(backend: str, spec: LoaderSpec) -> Loader:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    files: tuple[str, ...]  # already repeated to hold one whole measurement
+    files: tuple[str, ...]  # already repeated so that one epoch holds a whole trial
     labels: tuple[int, ...]
     num_classes: int
     scales: tuple[int, ...]
@@ -423,7 +427,7 @@ def warm_page_cache(files: Iterable[str]) -> None:
     """Read every file once so no backend pays for the disk the others then get for free."""
     for path in set(files):
         with open(path, "rb") as handle:
-            while handle.read(1 << 20):
+            while handle.read(PAGE_CACHE_READ_BYTES):
                 pass
 
 
@@ -514,6 +518,53 @@ def describe_machine(device: str) -> dict[str, Any]:
 
 
 # ================================================================================================
+# Measurement: trials, interleaved in rounds
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One measurement of one case: startup (construction to first batch or step), then one window."""
+
+    first_batch_s: float
+    window: Window
+
+
+Case = Callable[[], Trial]
+
+
+def run_interleaved(cases: Mapping[Hashable, Case], *, rounds: int,
+                    tolerate: tuple[type[BaseException], ...] = ()) -> dict[Hashable, list[Trial] | str]:
+    """Run every case once per round, rounds one after the other.
+
+    Interleaving is the point: a background job that comes and goes (a shared CI box, a second
+    user) then slows every case alike, instead of whichever case happened to be running. A case
+    raising one of ``tolerate`` is recorded as its error message and not run again.
+    """
+    results: dict[Hashable, list[Trial] | str] = {key: [] for key in cases}
+    for round_index in range(rounds):
+        for key, case in cases.items():
+            if isinstance(results[key], str):
+                continue
+            try:
+                trial = case()
+            except tolerate as err:
+                log.warning("%s failed: %s", key, err)
+                results[key] = f"{type(err).__name__}: {err}"
+                continue
+            results[key].append(trial)
+            log.info("round %d/%d %s: %.0f img/s (first batch %.2fs)", round_index + 1, rounds, key,
+                     trial.window.images / trial.window.seconds, trial.first_batch_s)
+    return results
+
+
+def summarize_trials(trials: Sequence[Trial]) -> dict[str, Any]:
+    """Median/min/max of startup, images/s and batches/s over the trials, plus the raw windows."""
+    return {"time_to_first_batch_s": summarize([t.first_batch_s for t in trials]),
+            **throughput([t.window for t in trials]), "windows": [t.window.to_json() for t in trials]}
+
+
+# ================================================================================================
 # Loader throughput
 # ================================================================================================
 
@@ -555,9 +606,9 @@ def _timed_window(stream: Iterator[MultiScaleBatch], *, batches: int, device: st
     return Window(images=images, batches=batches, seconds=time.perf_counter() - start, load_1min=load_1min())
 
 
-def measure_loader(factory: Callable[[], Loader], *, device: str, warmup: int, iters: int,
-                   repeats: int) -> dict[str, Any]:
-    """Time to first batch (construction included), then ``repeats`` windows of ``iters`` batches."""
+def loader_trial(factory: Callable[[], Loader], *, device: str, warmup: int, iters: int) -> Trial:
+    """A fresh loader: time to its first batch (construction included), ``warmup`` untimed batches,
+    then one timed window of ``iters`` batches."""
     acc = torch.zeros((), device=device)
     start = time.perf_counter()
     loader = factory()
@@ -568,13 +619,12 @@ def measure_loader(factory: Callable[[], Loader], *, device: str, warmup: int, i
         first_batch_s = time.perf_counter() - start
         for _ in range(warmup):
             _consume(next(stream), acc)
-        windows = [_timed_window(stream, batches=iters, device=device, acc=acc) for _ in range(repeats)]
+        window = _timed_window(stream, batches=iters, device=device, acc=acc)
     finally:
         stream.close()
         loader.close()
     acc.item()  # the host reads the sum: every consumed value really existed
-    return {"time_to_first_batch_s": first_batch_s, **throughput(windows),
-            "windows": [w.to_json() for w in windows]}
+    return Trial(first_batch_s=first_batch_s, window=window)
 
 
 def _backend_plan(cfg: BenchConfig, backend: str) -> tuple[tuple[int, ...], tuple[int, ...], str]:
@@ -586,20 +636,32 @@ def _backend_plan(cfg: BenchConfig, backend: str) -> tuple[tuple[int, ...], tupl
     return cfg.scales, cfg.worker_counts, "DataLoader workers"
 
 
-def benchmark_backend(cfg: BenchConfig, backend: str) -> dict[str, Any]:
-    """Every worker count of ``backend``'s sweep; ``best`` is the fastest."""
-    scales, worker_counts, meaning = _backend_plan(cfg, backend)
-    runs = []
-    for workers in worker_counts:
-        log.info("loader %s: scales %s, %s=%d", backend, list(scales), meaning, workers)
-        spec = cfg.spec(scales=scales, workers=workers)
-        run = measure_loader(lambda: make_loader(backend, spec), device=cfg.device, warmup=cfg.warmup,
-                             iters=cfg.iters, repeats=cfg.repeats)
-        runs.append({"workers": workers, **run})
-        log.info("loader %s %s=%d: %.0f img/s (first batch after %.2fs)", backend, meaning, workers,
-                 run["images_per_s"]["median"], run["time_to_first_batch_s"])
-    return {"backend": backend, "scales": list(scales), "workers_mean": meaning, "runs": runs,
-            "best": best_run(runs)}
+def _loader_case(cfg: BenchConfig, backend: str, spec: LoaderSpec) -> Case:
+    return lambda: loader_trial(lambda: make_loader(backend, spec), device=cfg.device,
+                                warmup=cfg.warmup, iters=cfg.iters)
+
+
+def benchmark_loaders(cfg: BenchConfig, backends: Sequence[str]) -> dict[str, Any]:
+    """Every backend at every worker count of its sweep, interleaved; ``best`` is each one's fastest."""
+    from multiscale_dali.loaders import dali_installed
+
+    results: dict[str, Any] = {}
+    cases: dict[Hashable, Case] = {}
+    for backend in backends:
+        if backend in (DALI, DALI_1SCALE) and not dali_installed():
+            results[backend] = {"backend": backend, "skipped": "DALI is not installed"}
+            continue
+        scales, worker_counts, meaning = _backend_plan(cfg, backend)
+        results[backend] = {"backend": backend, "scales": list(scales), "workers_mean": meaning}
+        for workers in worker_counts:
+            cases[(backend, workers)] = _loader_case(cfg, backend, cfg.spec(scales=scales, workers=workers))
+    trials = run_interleaved(cases, rounds=cfg.repeats)
+    for (backend, workers), backend_trials in trials.items():
+        results[backend].setdefault("runs", []).append({"workers": workers, **summarize_trials(backend_trials)})
+    for entry in results.values():
+        if "runs" in entry:
+            entry["best"] = best_run(entry["runs"])
+    return results
 
 
 # ================================================================================================
@@ -664,50 +726,64 @@ class _Counted:
             yield batch
 
 
-def measure_training(cfg: BenchConfig, *, model: str, stream: Iterator[MultiScaleBatch]) -> dict[str, Any]:
-    """Training steps on ``stream``: ``warmup`` untimed, then ``repeats`` windows of ``iters`` steps.
+def training_trial(cfg: BenchConfig, *, model: str, backend: str | None, workers: int = 0) -> Trial:
+    """A fresh trainer (and loader, unless ``backend`` is None: synthetic device tensors); time to the
+    end of its first step, ``warmup`` untimed steps, then one window of ``iters`` steps.
 
     ``train_epoch`` starts its clock before it asks for the first batch and synchronises CUDA at the
     end, so loader stalls are inside the measured time.
     """
-    trainer = make_trainer(model=model, num_classes=cfg.num_classes, scales=cfg.scales,
-                           device=cfg.device, seed=cfg.seed)
-    if cfg.warmup:
-        trainer.train_epoch(_Counted(stream, cfg.warmup), 0)
-    windows = []
-    for repeat in range(cfg.repeats):
-        counted = _Counted(stream, cfg.iters)
-        record = trainer.train_epoch(counted, repeat + 1)
-        windows.append(Window(images=counted.images, batches=cfg.iters, seconds=record.seconds,
-                              load_1min=load_1min()))
-    return {**throughput(windows), "windows": [w.to_json() for w in windows]}
-
-
-def benchmark_training(cfg: BenchConfig, *, model: str, loader_results: dict) -> dict[str, Any]:
-    """The step on synthetic device tensors (the ceiling) and on each multi-scale loader at its best."""
-    log.info("training %s on synthetic device tensors (compute ceiling)", model)
-    fixed = synthetic_batch(batch_size=cfg.batch_size, scales=cfg.scales, num_classes=cfg.num_classes,
-                            device=cfg.device, seed=cfg.seed)
-    ceiling = measure_training(cfg, model=model, stream=itertools.repeat(fixed))
-    ceiling_ips = ceiling["images_per_s"]["median"]
-    backends: dict[str, Any] = {}
-    for backend in MULTI_SCALE_BACKENDS:
-        if "best" not in loader_results.get(backend, {}):
-            continue
-        workers = loader_results[backend]["best"]["workers"]
-        log.info("training %s on %s batches (workers=%d)", model, backend, workers)
+    start = time.perf_counter()
+    trainer = make_trainer(model=model, num_classes=cfg.num_classes, scales=cfg.scales, device=cfg.device,
+                           seed=cfg.seed)
+    loader = None
+    if backend is None:
+        stream: Iterator[MultiScaleBatch] = itertools.repeat(synthetic_batch(
+            batch_size=cfg.batch_size, scales=cfg.scales, num_classes=cfg.num_classes, device=cfg.device,
+            seed=cfg.seed))
+    else:
         loader = make_loader(backend, cfg.spec(workers=workers))
         stream = batch_stream(loader)
-        try:
-            run = measure_training(cfg, model=model, stream=stream)
-        finally:
+    try:
+        trainer.train_epoch(_Counted(stream, 1), 0)
+        first_step_s = time.perf_counter() - start
+        if cfg.warmup:
+            trainer.train_epoch(_Counted(stream, cfg.warmup), 1)
+        counted = _Counted(stream, cfg.iters)
+        record = trainer.train_epoch(counted, 2)
+    finally:
+        if loader is not None:
             stream.close()
             loader.close()
+    window = Window(images=counted.images, batches=cfg.iters, seconds=record.seconds, load_1min=load_1min())
+    return Trial(first_batch_s=first_step_s, window=window)
+
+
+SYNTHETIC_SOURCE = "synthetic"
+
+
+def _training_case(cfg: BenchConfig, model: str, backend: str | None, workers: int) -> Case:
+    return lambda: training_trial(cfg, model=model, backend=backend, workers=workers)
+
+
+def benchmark_training(cfg: BenchConfig, *, model: str, workers: Mapping[str, int]) -> dict[str, Any]:
+    """The step on synthetic device tensors (the ceiling) and on each loader of ``workers`` (backend ->
+    its best worker count), interleaved in rounds."""
+    cases: dict[Hashable, Case] = {SYNTHETIC_SOURCE: _training_case(cfg, model, None, 0)}
+    for backend, count in workers.items():
+        cases[backend] = _training_case(cfg, model, backend, count)
+    trials = run_interleaved(cases, rounds=cfg.repeats)
+    ceiling = summarize_trials(trials.pop(SYNTHETIC_SOURCE))
+    ceiling_ips = ceiling["images_per_s"]["median"]
+    results: dict[str, Any] = {}
+    for backend, backend_trials in trials.items():
+        run = summarize_trials(backend_trials)
         ips = run["images_per_s"]["median"]
-        backends[backend] = {"workers": workers, **run, "vs_synthetic": ips / ceiling_ips,
-                             # Share of the step's wall time spent waiting for data.
-                             "data_loading_share": 1.0 - ips / ceiling_ips}
-    return {"model": model, "synthetic": ceiling, "backends": backends}
+        results[backend] = {"workers": workers[backend], **run,
+                            "vs_synthetic": ips / ceiling_ips,
+                            # The share of the step's wall time spent waiting for data.
+                            "data_loading_share": 1.0 - ips / ceiling_ips}
+    return {"model": model, "synthetic": ceiling, "backends": results}
 
 
 # ================================================================================================
@@ -834,40 +910,46 @@ def measure_step_memory(*, model: str, num_classes: int, scales: Sequence[int], 
 # ================================================================================================
 
 
-def measure_decode_only(cfg: BenchConfig, *, threads: int, hw_decoder_load: float) -> dict[str, Any]:
-    """DALI read + decode with no crop or resize: the ceiling the multi-scale graph is held to."""
+def decode_only_trial(cfg: BenchConfig, *, threads: int, hw_decoder_load: float) -> Trial:
+    """DALI read + decode with no crop or resize: the ceiling the multi-scale graph is held to.
+
+    The decoded images keep their own sizes, so the pipeline is run directly rather than through a
+    dense iterator; a device-wide synchronisation covers DALI's own CUDA streams.
+    """
     from multiscale_dali.dali_pipeline import decode_only_pipeline
 
     start = time.perf_counter()
     pipe = decode_only_pipeline(files=cfg.files, batch_size=cfg.batch_size, num_threads=threads,
                                 device=cfg.device, hw_decoder_load=hw_decoder_load)
-    pipe.run()
-    _sync(cfg.device)
-    first_batch_s = time.perf_counter() - start
-    for _ in range(cfg.warmup):
+    try:
         pipe.run()
-    windows = []
-    for _ in range(cfg.repeats):
+        _sync(cfg.device)
+        first_batch_s = time.perf_counter() - start
+        for _ in range(cfg.warmup):
+            pipe.run()
         _sync(cfg.device)
         begin = time.perf_counter()
         images = sum(len(pipe.run()[0]) for _ in range(cfg.iters))
-        _sync(cfg.device)  # a device-wide sync: it covers DALI's own CUDA streams too
-        windows.append(Window(images=images, batches=cfg.iters, seconds=time.perf_counter() - begin,
-                              load_1min=load_1min()))
-    del pipe
-    return {"threads": threads, "hw_decoder_load": hw_decoder_load, "time_to_first_batch_s": first_batch_s,
-            **throughput(windows), "windows": [w.to_json() for w in windows]}
+        _sync(cfg.device)
+        seconds = time.perf_counter() - begin
+    finally:
+        del pipe
+    return Trial(first_batch_s=first_batch_s,
+                 window=Window(images=images, batches=cfg.iters, seconds=seconds, load_1min=load_1min()))
 
 
-def _dali_sweep_point(cfg: BenchConfig, *, threads: int, hw_decoder_load: float) -> dict[str, Any]:
-    spec = cfg.spec(workers=threads, hw_decoder_load=hw_decoder_load)
-    try:
-        run = measure_loader(lambda: make_loader(DALI, spec), device=cfg.device, warmup=cfg.warmup,
-                             iters=cfg.iters, repeats=cfg.repeats)
-    except RuntimeError as err:  # one unsupported setting must not lose the rest of the sweep
-        log.warning("DALI sweep point threads=%d hw_decoder_load=%s failed: %s", threads, hw_decoder_load, err)
-        return {"threads": threads, "hw_decoder_load": hw_decoder_load, "error": str(err)}
-    return {"threads": threads, "hw_decoder_load": hw_decoder_load, **run}
+DECODE_ONLY = "decode_only"
+
+
+def _gpu_cases(cfg: BenchConfig) -> dict[Hashable, Case]:
+    cases: dict[Hashable, Case] = {
+        DECODE_ONLY: lambda: decode_only_trial(cfg, threads=cfg.dali_threads,
+                                               hw_decoder_load=DEFAULT_HW_DECODER_LOAD)}
+    points = {(cfg.dali_threads, load) for load in HW_DECODER_LOADS}
+    points |= {(threads, DEFAULT_HW_DECODER_LOAD) for threads in thread_counts(cpu_count=usable_cpus())}
+    for threads, load in sorted(points):
+        cases[(threads, load)] = _loader_case(cfg, DALI, cfg.spec(workers=threads, hw_decoder_load=load))
+    return cases
 
 
 def benchmark_gpu(cfg: BenchConfig) -> dict[str, Any]:
@@ -878,12 +960,19 @@ def benchmark_gpu(cfg: BenchConfig) -> dict[str, Any]:
 
     if not dali_installed():
         return {"skipped": "DALI is not installed"}
-    log.info("GPU: DALI decode-only ceiling")
-    decode_only = measure_decode_only(cfg, threads=cfg.dali_threads, hw_decoder_load=DEFAULT_HW_DECODER_LOAD)
-    hw_sweep = [_dali_sweep_point(cfg, threads=cfg.dali_threads, hw_decoder_load=load) for load in HW_DECODER_LOADS]
-    thread_sweep = [_dali_sweep_point(cfg, threads=threads, hw_decoder_load=DEFAULT_HW_DECODER_LOAD)
-                    for threads in thread_counts(cpu_count=usable_cpus())]
-    return {"decode_only": decode_only, "hw_decoder_load_sweep": hw_sweep, "thread_sweep": thread_sweep}
+    # A sweep point DALI rejects (e.g. no hardware decoder on this GPU) must not lose the others.
+    trials = run_interleaved(_gpu_cases(cfg), rounds=cfg.repeats, tolerate=(RuntimeError,))
+    decode_only = trials.pop(DECODE_ONLY)
+    sweep = []
+    for (threads, load), point in trials.items():
+        summary = {"error": point} if isinstance(point, str) else summarize_trials(point)
+        sweep.append({"threads": threads, "hw_decoder_load": load, **summary})
+    return {
+        "decode_only": ({"error": decode_only} if isinstance(decode_only, str) else
+                        {"threads": cfg.dali_threads, "hw_decoder_load": DEFAULT_HW_DECODER_LOAD,
+                         **summarize_trials(decode_only)}),
+        "sweep": sweep,
+    }
 
 
 # ================================================================================================
@@ -950,12 +1039,12 @@ def run_benchmark(
     device = _resolve_device(device)
     chosen = resolve_data(data=data, synthetic=synthetic, cache_dir=cache_dir)
     files, labels = repeat_to_fill(chosen.files, chosen.labels, min_samples=samples_needed(
-        batch_size=batch_size, warmup=warmup, iters=iters, repeats=repeats))
+        batch_size=batch_size, warmup=warmup, iters=iters))
     cpus = usable_cpus()
     cfg = BenchConfig(
         files=files, labels=labels, num_classes=chosen.num_classes, scales=tuple(scales),
         batch_size=batch_size, device=device, iters=iters, warmup=warmup, repeats=repeats,
-        worker_counts=tuple(workers) if workers else default_worker_counts(cpu_count=cpus, cuda=device.startswith("cuda")),
+        worker_counts=tuple(workers or default_worker_counts(cpu_count=cpus, cuda=device.startswith("cuda"))),
         dali_threads=dali_threads or cpus, seed=seed,
     )
     warm_page_cache(chosen.files)
@@ -965,10 +1054,12 @@ def run_benchmark(
         "data": {"root": str(chosen.root), "source": chosen.source, "unique_files": len(chosen.files),
                  "num_classes": chosen.num_classes, **describe_files(chosen.files)},
         "machine": describe_machine(device),
-        "loader": _benchmark_loaders(cfg, _expand_backends(backends, scales)),
+        "loader": benchmark_loaders(cfg, _expand_backends(backends, scales)),
     }
     if model is not None:
-        results["training"] = benchmark_training(cfg, model=model, loader_results=results["loader"])
+        best = {b: results["loader"][b]["best"]["workers"] for b in MULTI_SCALE_BACKENDS
+                if "best" in results["loader"].get(b, {})}
+        results["training"] = benchmark_training(cfg, model=model, workers=best)
         if memory:
             results["memory"] = measure_step_memory(model=model, num_classes=cfg.num_classes, scales=cfg.scales,
                                                     batch_size=batch_size, device=device, seed=seed)
@@ -977,18 +1068,6 @@ def run_benchmark(
     results["ratios"] = compute_ratios(results)
     results["goals"] = evaluate_goals(results)
     return results
-
-
-def _benchmark_loaders(cfg: BenchConfig, backends: Sequence[str]) -> dict[str, Any]:
-    from multiscale_dali.loaders import dali_installed
-
-    loader: dict[str, Any] = {}
-    for backend in backends:
-        if backend in (DALI, DALI_1SCALE) and not dali_installed():
-            loader[backend] = {"backend": backend, "skipped": "DALI is not installed"}
-            continue
-        loader[backend] = benchmark_backend(cfg, backend)
-    return loader
 
 
 def save_results(results: dict[str, Any], path: Path) -> None:
@@ -1033,7 +1112,8 @@ def _config_line(results: dict) -> str:
     c, d = results["config"], results["data"]
     return (f"Data: {d['source']} ({d['unique_files']} files, mean {d['mean_width']}x{d['mean_height']} px, "
             f"{d['mean_file_kib']} KiB) at {d['root']}; scales {c['scales']}, batch {c['batch_size']}, "
-            f"device {c['device']}; {c['repeats']} windows x {c['iters']} batches after {c['warmup']} warm-up")
+            f"device {c['device']}; {c['repeats']} interleaved rounds, each a fresh loader: first batch, "
+            f"{c['warmup']} warm-up, {c['iters']} timed batches")
 
 
 def _loader_rows(results: dict) -> list[list[str]]:
@@ -1046,11 +1126,12 @@ def _loader_rows(results: dict) -> list[list[str]]:
         best = entry["best"]["workers"]
         for run in entry["runs"]:
             ratio = _ratio(run["images_per_s"]["median"], baseline)
+            marker = " (best)" if run["workers"] == best and len(entry["runs"]) > 1 else ""
             rows.append([
                 backend, str(run["workers"]), "/".join(str(s) for s in entry["scales"]),
-                _fmt(run["time_to_first_batch_s"], ".2f"), _spread(run["images_per_s"]),
+                _fmt(run["time_to_first_batch_s"]["median"], ".2f"), _spread(run["images_per_s"]),
                 _spread(run["batches_per_s"], ".1f"),
-                (_fmt(ratio, ".2f") + "x" if ratio is not None else "-") + (" (best)" if run["workers"] == best and len(entry["runs"]) > 1 else ""),
+                ("-" if ratio is None else _fmt(ratio, ".2f") + "x") + marker,
             ])
     return rows
 
@@ -1075,7 +1156,8 @@ def _memory_lines(results: dict) -> list[str]:
     for mode in MEMORY_MODES:
         entry = memory[mode]
         allocator = entry.get("allocator_step_bytes")
-        rows.append([mode, _fmt(entry["step_bytes"] / BYTES_PER_MIB, ".1f"), _fmt(entry["peak_bytes"] / BYTES_PER_MIB, ".0f"),
+        rows.append([mode, _fmt(entry["step_bytes"] / BYTES_PER_MIB, ".1f"),
+                     _fmt(entry["peak_bytes"] / BYTES_PER_MIB, ".0f"),
                      "-" if allocator is None else _fmt(allocator / BYTES_PER_MIB, ".1f")])
     lines = ["", f"### Peak memory of one training step ({memory['method']})", "",
              *_table(["mode", "step working set MiB", "process/device peak MiB", "tensor allocator MiB"], rows), "",
@@ -1089,13 +1171,12 @@ def _gpu_lines(results: dict) -> list[str]:
     gpu = results.get("gpu", {})
     if "skipped" in gpu:
         return ["", f"GPU sections skipped: {gpu['skipped']}."]
-    decode = gpu["decode_only"]
-    rows = [["decode only", str(decode["threads"]), _fmt(decode["hw_decoder_load"], ".2f"), _spread(decode["images_per_s"])]]
-    for name, key in (("hw_decoder_load sweep", "hw_decoder_load_sweep"), ("thread sweep", "thread_sweep")):
-        for point in gpu[key]:
-            measured = f"error: {point['error']}" if "error" in point else _spread(point["images_per_s"])
-            rows.append([name, str(point["threads"]), _fmt(point["hw_decoder_load"], ".2f"), measured])
-    return ["", "### DALI on the GPU", "", *_table(["run", "threads", "hw_decoder_load", "img/s median (min-max)"], rows)]
+    rows = []
+    for name, point in [("decode only", gpu["decode_only"])] + [("multi-scale", p) for p in gpu["sweep"]]:
+        measured = f"error: {point['error']}" if "error" in point else _spread(point["images_per_s"])
+        rows.append([name, str(point.get("threads", "-")), _fmt(point.get("hw_decoder_load"), ".2f"), measured])
+    return ["", "### DALI on the GPU: decode-only ceiling, hw_decoder_load and thread sweeps", "",
+            *_table(["pipeline", "threads", "hw_decoder_load", "img/s median (min-max)"], rows)]
 
 
 def _goal_lines(results: dict) -> list[str]:
@@ -1110,7 +1191,7 @@ def format_report(results: dict[str, Any]) -> str:
     """Markdown tables: loaders (every backend and worker count), ratios, training, memory, GPU, goals."""
     ratios = results.get("ratios", {})
     lines = [*_machine_lines(results), _config_line(results), "", "### Loader throughput (no model)", "",
-             *_table(["backend", "workers", "scales", "first batch s", "img/s median (min-max)",
+             *_table(["backend", "workers", "scales", "first batch s (median)", "img/s median (min-max)",
                       "batches/s", "vs baseline"], _loader_rows(results)),
              "", "Ratios: " + (", ".join(f"{k} {v:.2f}" for k, v in ratios.items()) or "-")]
     lines += _training_lines(results) + _memory_lines(results) + _gpu_lines(results) + _goal_lines(results)

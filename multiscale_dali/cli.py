@@ -178,7 +178,7 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
     click.echo(f"backend {result.backend} on {result.device}; best epoch {None if result.best_epoch is None else result.best_epoch + 1}")
     for scale, metrics in result.test.items():
         click.echo(f"test {scale}px: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.1%}")
-    if plot_at_end:
+    if plot_at_end and result.rank == 0:  # under torchrun only rank 0 wrote the run's files
         for path in _write_plots(config.out):
             click.echo(f"wrote {path}")
 
@@ -303,12 +303,12 @@ def _train_reporter(config: TrainConfig, *, tensorboard: bool, plot: bool) -> It
         reporter.close()
 
 
-def _write_plots(run_dir: str | Path) -> list[Path]:
+def _write_plots(run_dir: str | Path, *, out_dir: str | None = None) -> list[Path]:
     from multiscale_dali.extras import MissingExtraError
     from multiscale_dali.plot import PlotError, plot_run
 
     try:
-        return plot_run(run_dir)
+        return plot_run(run_dir, out_dir=out_dir)
     except (MissingExtraError, PlotError) as err:
         raise click.ClickException(str(err)) from None
 
@@ -396,14 +396,7 @@ def predict(checkpoint: str, images: tuple[str, ...], scale: int | None, scales_
               help="Where to write the PNGs. Default: RUN_DIR/plots.")
 def plot(run_dir: str, out_dir: str | None) -> None:
     """PNG figures of a run: loss/accuracy per scale, the scale schedule, the evaluation sweep (eval.json)."""
-    from multiscale_dali.extras import MissingExtraError
-    from multiscale_dali.plot import PlotError, plot_run
-
-    try:
-        written = plot_run(run_dir, out_dir=out_dir)
-    except (MissingExtraError, PlotError) as err:
-        raise click.ClickException(str(err)) from None
-    for path in written:
+    for path in _write_plots(run_dir, out_dir=out_dir):
         click.echo(f"wrote {path}")
 
 

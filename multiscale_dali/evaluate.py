@@ -289,14 +289,20 @@ def resolve_data_root(loaded: LoadedModel, data: str | Path | None) -> Path:
 
 
 def load_splits(loaded: LoadedModel, root: Path) -> DatasetSplits:
-    """The run's splits of ``root``: same fractions and seed, so a carved-out split is the same one."""
+    """The run's splits of ``root``: same fractions and seed, so a carved-out split is the same one.
+
+    Files the pre-flight scan finds unreadable are left out with a warning naming them (DALI cannot
+    skip a bad file mid-pass); ``num_samples`` in the report shows what was measured.
+    """
+    from multiscale_dali.app import vet_splits
+
     splits = discover_dataset(root, fractions=loaded.config.split_fractions, seed=loaded.config.seed)
     if splits.classes != loaded.classes:
         raise DataError(
             f"{root} has classes {', '.join(splits.classes)}, the checkpoint was trained on "
             f"{', '.join(loaded.classes)}"
         )
-    return splits
+    return vet_splits(splits, loaded.config.replace(on_bad_file="skip"))
 
 
 def _train_subset(train: SplitFiles, *, count: int, seed: int) -> SplitFiles:
@@ -443,7 +449,8 @@ def format_report(report: EvalReport) -> list[str]:
     for variant in variants:
         best = report.best[variant]
         lines.append(f"best resolution ({variant.replace('_', ' ')}): {best['scale']}px, accuracy "
-                     f"{best['accuracy']:.1%} (ensemble of {len(report.scales)} scales: {best['ensemble_accuracy']:.1%})")
+                     f"{best['accuracy']:.1%} (ensemble of {len(report.scales)} scales: "
+                     f"{best['ensemble_accuracy']:.1%})")
     return lines
 
 

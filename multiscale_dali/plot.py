@@ -172,7 +172,8 @@ def draw_resolution(ax: Any, run: RunFiles, colors: dict[int, Any]) -> None:
         ax.axvline(scale, color="grey", alpha=0.15, linewidth=6)  # where the model was trained
     ax.set_xlabel("evaluation resolution (px); grey = trained scales")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"resolution sweep, {evaluation.get('split', '?')} split ({evaluation.get('num_samples', '?')} images)")
+    ax.set_title(f"resolution sweep, {evaluation.get('split', '?')} split "
+                 f"({evaluation.get('num_samples', '?')} images)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
 
@@ -187,7 +188,7 @@ def _matplotlib() -> tuple[Any, Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise MissingExtraError(feature="plotting (msdali plot, train --plot)", extra="plot", cause=err) from None
+        raise MissingExtraError(feature="Plotting", extra="plot", cause=err) from None
     return Figure, FigureCanvasAgg, colormaps[COLORMAP]
 
 
@@ -226,7 +227,7 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[
         summary.append(draw_resolution)
     figures["summary.png"] = (summary, 2)
     written = [_save_figure(target / name, panels, run, columns=columns) for name, (panels, columns) in figures.items()]
-    log.info("wrote %s", ", ".join(str(p) for p in written))
+    log.debug("wrote %s", ", ".join(str(p) for p in written))
     return written
 
 

@@ -29,7 +29,7 @@ def summary_writer_class() -> Any:
         # (with a message about versions) when it is absent.
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise MissingExtraError(feature="TensorBoard logging (--tensorboard)", extra="tensorboard", cause=err) from None
+        raise MissingExtraError(feature="TensorBoard logging", extra="tensorboard", cause=err) from None
     return SummaryWriter
 
 

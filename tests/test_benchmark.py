@@ -28,9 +28,10 @@ from multiscale_dali.benchmark import (
     default_worker_counts,
     evaluate_goals,
     format_report,
-    measure_loader,
+    loader_trial,
     repeat_to_fill,
     run_benchmark,
+    run_interleaved,
     samples_needed,
     summarize,
     throughput,
@@ -123,7 +124,7 @@ def test_worker_sweeps() -> None:
 
 
 def test_repeat_to_fill_keeps_pairs_and_covers_the_measurement() -> None:
-    need = samples_needed(batch_size=4, warmup=1, iters=2, repeats=3)
+    need = samples_needed(batch_size=4, warmup=1, iters=6)
     assert need == (1 + 1 + 6) * 4
     files, labels = repeat_to_fill(["a", "b", "c"], [0, 1, 0], min_samples=need)
     assert len(files) >= need and len(files) % 3 == 0
@@ -138,7 +139,8 @@ def _fake_results(device: str = "cpu") -> dict:
 
     return {
         "config": {"device": device},
-        "loader": {DALI: loader(300.0), TORCHVISION: loader(200.0), BASELINE: loader(100.0), DALI_1SCALE: loader(400.0)},
+        "loader": {DALI: loader(300.0), TORCHVISION: loader(200.0), BASELINE: loader(100.0),
+                   DALI_1SCALE: loader(400.0)},
         "training": {"backends": {DALI: {"vs_synthetic": 0.97}}},
         "memory": {"memory_efficient_vs_naive": 0.6},
     }
@@ -187,14 +189,33 @@ class _ShortEpochLoader:
         self.closed = True
 
 
-def test_measure_loader_counts_only_timed_batches_and_crosses_epochs() -> None:
+def test_loader_trial_times_only_the_window_and_crosses_epochs() -> None:
     fake = _ShortEpochLoader()
-    result = measure_loader(lambda: fake, device="cpu", warmup=1, iters=3, repeats=2)
-    assert [w["batches"] for w in result["windows"]] == [3, 3]
-    assert [w["images"] for w in result["windows"]] == [3 * BATCH, 3 * BATCH]
-    assert fake.epochs == [0, 1, 2, 3]  # 1 first + 1 warm-up + 6 timed = 8 batches = 4 epochs
+    trial = loader_trial(lambda: fake, device="cpu", warmup=1, iters=3)
+    assert (trial.window.batches, trial.window.images) == (3, 3 * BATCH)
+    assert fake.epochs == [0, 1, 2]  # 1 first + 1 warm-up + 3 timed = 5 batches over 3 epochs
     assert fake.closed
-    assert result["time_to_first_batch_s"] >= 0
+    assert trial.first_batch_s >= 0 and trial.window.seconds > 0
+
+
+def test_run_interleaved_alternates_cases_and_records_failures() -> None:
+    order: list[str] = []
+
+    def case(name: str):
+        def run() -> benchmark.Trial:
+            order.append(name)
+            if name == "bad":
+                raise RuntimeError("no hardware decoder")
+            return benchmark.Trial(first_batch_s=0.1, window=Window(images=4, batches=1, seconds=1.0))
+        return run
+
+    results = run_interleaved({"a": case("a"), "bad": case("bad"), "b": case("b")}, rounds=3,
+                              tolerate=(RuntimeError,))
+    assert order == ["a", "bad", "b", "a", "b", "a", "b"]  # a failed case is not retried
+    assert len(results["a"]) == 3 and len(results["b"]) == 3
+    assert results["bad"] == "RuntimeError: no hardware decoder"
+    with pytest.raises(RuntimeError):
+        run_interleaved({"bad": case("bad")}, rounds=1)
 
 
 def _tiny_spec(folder: Path, *, workers: int = 0) -> LoaderSpec:
@@ -271,7 +292,7 @@ def test_full_report_shape(full_results: dict) -> None:
         assert workers == ([0, 1] if backend in (TORCHVISION, BASELINE) else [results["config"]["dali_threads"]])
         for run in entry["runs"]:
             assert _positive_stats(run["images_per_s"]) and _positive_stats(run["batches_per_s"])
-            assert run["time_to_first_batch_s"] > 0
+            assert _positive_stats(run["time_to_first_batch_s"])
             assert [w["batches"] for w in run["windows"]] == [2, 2]
         assert entry["best"] in entry["runs"]
     if dali_installed():

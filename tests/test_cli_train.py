@@ -189,3 +189,27 @@ def test_sigterm_to_the_cli_exits_75_with_a_checkpoint(tmp_path, image_root):
     assert "--resume auto" in output
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["trainer"]["global_step"] >= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_reproduces_weights_and_another_seed_differs(tmp_path, image_root, backend):
+    runs = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        result = _train("--data", str(image_root), "--out", str(tmp_path / name), "--backend", backend,
+                        "--epochs", "1", "--seed", seed, *SMALL)
+        assert result.exit_code == 0, result.output
+        runs[name] = _weights(tmp_path / name)
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_on_cuda_keeps_batches_on_the_device(tmp_path, image_root, backend):
+    result = _train("--data", str(image_root), "--out", str(tmp_path / "gpu"), "--backend", backend,
+                    "--device", "cuda", "--amp", "auto", "--epochs", "2", "--consistency-weight", "0.5", *SMALL)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "gpu" / "config.json").read_text())
+    assert config["resolved"]["device"].startswith("cuda")
+    assert config["versions"]["gpu"]
