@@ -238,10 +238,12 @@ def _check_ranks_agree(context: DistributedContext, what: str, value: Any) -> No
 
 
 def _splits_fingerprint(splits: DatasetSplits) -> str:
+    # Paths relative to the root: nodes may mount the same shared dataset at different places.
     digest = hashlib.sha256()
     for name in SPLIT_NAMES:
         split = splits.split(name)
-        digest.update(json.dumps([name, list(split.files), [int(v) for v in split.labels]]).encode())
+        files = [os.path.relpath(f, splits.root) for f in split.files]
+        digest.update(json.dumps([name, files, [int(v) for v in split.labels]]).encode())
     return digest.hexdigest()
 
 
@@ -332,8 +334,9 @@ def _run_training(
 ) -> RunResult:
     out_dir = Path(config.out)
     found = find_resume_checkpoint(resume, out_dir) if resume else None
-    _check_ranks_agree(context, "the checkpoint to resume from", None if found is None else (
-        str(found[0]), found[1]["trainer"]["epoch"], found[1]["trainer"]["step_in_epoch"]))
+    _check_ranks_agree(context, "the checkpoint to resume from (epoch, step in epoch, global step)",
+                       None if found is None else tuple(int(found[1]["trainer"][k])
+                                                        for k in ("epoch", "step_in_epoch", "global_step")))
     keep_loader_states = True
     if found is None:
         _check_run_directory(out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from datetime import datetime
@@ -168,19 +169,22 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
 
     resumed = _resumed_config(resume, flags.get("out"))
     config = build_train_config(config_path, flags, resumed=resumed)
-    click.echo(f"run directory: {config.out}")
+    # Under torchrun every rank runs this command; only rank 0 talks (and writes, see app.py).
+    echo = click.echo if os.environ.get("RANK", "0") == "0" else (lambda *_a, **_k: None)
+    echo(f"run directory: {config.out}")
     with user_errors(), _train_reporter(config, tensorboard=tensorboard, plot=plot_at_end) as reporter:
         result = run_training(config, resume=resume, on_epoch_end=reporter.epoch_end, on_step=reporter.step)
     if result.interrupted:
-        click.echo(f"stopped by {result.stop_signal}; checkpoint saved. Continue with: "
-                   f"msdali train --out {config.out} --resume auto")
+        echo(f"stopped by {result.stop_signal}; checkpoint saved. Continue with: "
+             f"msdali train --out {config.out} --resume auto")
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(f"backend {result.backend} on {result.device}; best epoch {None if result.best_epoch is None else result.best_epoch + 1}")
+    best = None if result.best_epoch is None else result.best_epoch + 1
+    echo(f"backend {result.backend} on {result.device}; best epoch {best}")
     for scale, metrics in result.test.items():
-        click.echo(f"test {scale}px: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.1%}")
-    if plot_at_end and result.rank == 0:  # under torchrun only rank 0 wrote the run's files
+        echo(f"test {scale}px: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.1%}")
+    if plot_at_end and result.rank == 0:
         for path in _write_plots(config.out):
-            click.echo(f"wrote {path}")
+            echo(f"wrote {path}")
 
 
 @main.command()
@@ -201,7 +205,6 @@ def recipes() -> None:
         except ConfigError as err:
             description = f"(invalid: {err.message})"
         click.echo(f"{str(path.relative_to(RECIPES_DIR.parent)):<44} {description}")
-
 
 
 @main.command()

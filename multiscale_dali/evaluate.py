@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ from multiscale_dali.data import DataError, DatasetSplits, SplitFiles, discover_
 from multiscale_dali.loader_spec import LoaderSpec
 from multiscale_dali.losses import BINARY, base_loss, ensemble_logits, num_outputs, predict, probabilities
 from multiscale_dali.models import build_model
+from multiscale_dali.resume import CHECKPOINT_DIR
 from multiscale_dali.schedule import ScaleSchedule, constant_schedule
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,6 @@ DEFAULT_BN_BATCHES = 50
 DEFAULT_EVAL_BATCH_SIZE = 64
 # Seed stream of the train subset used for BN recalibration: independent of any training stream.
 BN_SUBSET_SEED_OFFSET = 7919
-_TRAINING_CHECKPOINT_DIR = "checkpoints"  # resume.CHECKPOINT_DIR: last.pt lives one level down
 
 
 class ImageError(ValueError):
@@ -81,9 +82,13 @@ class LoadedModel:
 
     @property
     def run_dir(self) -> Path:
-        """The run directory the checkpoint belongs to (``last.pt`` sits in ``RUN/checkpoints``)."""
-        parent = self.path.parent
-        return parent.parent if parent.name == _TRAINING_CHECKPOINT_DIR else parent
+        return run_dir_of(self.path)
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (``last.pt`` sits one level down, in ``checkpoints``)."""
+    parent = Path(checkpoint).parent
+    return parent.parent if parent.name == CHECKPOINT_DIR else parent
 
 
 def _schedule_from_dict(data: Mapping[str, Any]) -> ScaleSchedule:
@@ -332,6 +337,8 @@ class EvalOptions:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.bn_batches < 1:
             raise ConfigError("bn_batches", f"must be >= 1, got {self.bn_batches}")
+        if self.workers < 0:
+            raise ConfigError("workers", f"must be >= 0, got {self.workers}")
 
 
 def _eval_spec(split: SplitFiles, scales: tuple[int, ...], *, options: EvalOptions, loaded: LoadedModel) -> LoaderSpec:
@@ -360,9 +367,10 @@ def _recalibrated_models(loaded: LoadedModel, train: SplitFiles, scales: tuple[i
     subset = _train_subset(train, count=options.bn_batches * options.batch_size, seed=loaded.config.seed)
     models = {}
     for scale in scales:
-        batches = (batch.images[scale] for batch in _batches_at(subset, scale, options=options, loaded=loaded,
-                                                                 backend=backend))
-        models[scale] = recalibrate_batchnorm(loaded.model, batches, max_batches=options.bn_batches)
+        # closing(): recalibration may stop before the loader is exhausted; its pipeline closes anyway.
+        with closing(_batches_at(subset, scale, options=options, loaded=loaded, backend=backend)) as batches:
+            models[scale] = recalibrate_batchnorm(loaded.model, (batch.images[scale] for batch in batches),
+                                                  max_batches=options.bn_batches)
     log.info("BatchNorm statistics re-estimated at %s px from %d train images", ",".join(map(str, scales)),
              len(subset))
     return models
@@ -410,7 +418,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, options: EvalOptions) -> Eval
     splits = load_splits(loaded, root)
     split = splits.split(options.split)
     if not len(split):
-        raise ConfigError("split", f"the {options.split} split of {root} is empty; try --split val")
+        other = next(name for name in EVAL_SPLITS if name != options.split)
+        raise ConfigError("split", f"the {options.split} split of {root} is empty; try --split {other}")
     log.info("evaluating %s on the %s split of %s (%d images) at %s px, backend %s on %s", loaded.path,
              options.split, root, len(split), ",".join(map(str, scales)), backend, device)
     models: dict[str, dict[int, nn.Module]] = {AS_TRAINED: {scale: loaded.model for scale in scales}}
@@ -456,9 +465,7 @@ def format_report(report: EvalReport) -> list[str]:
 
 def default_eval_path(checkpoint: str | Path) -> Path:
     """``RUN_DIR/eval.json`` for ``RUN_DIR/best.pt`` and for ``RUN_DIR/checkpoints/last.pt``."""
-    path = Path(checkpoint)
-    run_dir = path.parent.parent if path.parent.name == _TRAINING_CHECKPOINT_DIR else path.parent
-    return run_dir / EVAL_FILE
+    return run_dir_of(checkpoint) / EVAL_FILE
 
 
 # ---------------------------------------------------------------------------------------- predict

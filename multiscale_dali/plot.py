@@ -197,7 +197,9 @@ def _save_figure(path: Path, panels: list[Panel], run: RunFiles, *, columns: int
     rows = math.ceil(len(panels) / columns)
     figure = figure_class(figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), dpi=DPI, layout="constrained")
     canvas_class(figure)  # attaches the Agg canvas: rendering without any GUI backend
-    colors = _scale_colors(sorted(set(run.scales) | _evaluated_scales(run)), colormap)
+    # Colours span the training scales only: the curves must tell 64/96/128 apart; the sweep's
+    # lines are per variant, not per scale.
+    colors = _scale_colors(run.scales, colormap)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         panel(ax, run, colors)
@@ -206,10 +208,6 @@ def _save_figure(path: Path, panels: list[Panel], run: RunFiles, *, columns: int
     figure.suptitle(str(run.run_dir.name), fontsize="medium")
     figure.savefig(path, format="png")
     return path
-
-
-def _evaluated_scales(run: RunFiles) -> set[int]:
-    return {int(s) for s in (run.evaluation or {}).get("scales", [])}
 
 
 def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[Path]:

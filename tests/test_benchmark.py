@@ -282,6 +282,7 @@ def _positive_stats(stats: dict) -> bool:
     return all(stats[k] > 0 for k in ("median", "min", "max")) and stats["min"] <= stats["median"] <= stats["max"]
 
 
+@pytest.mark.slow  # the shared full run takes ~15-40 s on a 2-core box
 def test_full_report_shape(full_results: dict) -> None:
     results = json.loads(json.dumps(full_results))  # JSON-able, and what a saved file reads back as
     assert results["config"]["scales"] == list(SCALES)
@@ -301,6 +302,7 @@ def test_full_report_shape(full_results: dict) -> None:
     assert results["ratios"]["torchvision_vs_baseline"] > 0
 
 
+@pytest.mark.slow  # the shared full run takes ~15-40 s on a 2-core box
 def test_full_report_machine_training_memory_and_gpu(full_results: dict) -> None:
     machine = full_results["machine"]
     for key in ("cpu_model", "cpu_count", "python", "torch", "torchvision", "pillow", "dali"):
@@ -325,6 +327,7 @@ def test_full_report_machine_training_memory_and_gpu(full_results: dict) -> None
         "dali_cpu_vs_baseline", "torchvision_vs_baseline", "memory_efficient_vs_naive"}
 
 
+@pytest.mark.slow  # the shared full run takes ~15-40 s on a 2-core box
 def test_format_report_mentions_every_backend_and_section(full_results: dict) -> None:
     report = format_report(full_results)
     for backend in full_results["loader"]:

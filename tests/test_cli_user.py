@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def trained(tmp_path_factory) -> tuple[Path, list[str], subprocess.CompletedProc
     args += ["--tensorboard"] if HAS_TENSORBOARD else []
     args += ["--plot"] if HAS_MATPLOTLIB else []
     done = subprocess.run([sys.executable, "-m", "multiscale_dali.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     return out, args, done
 

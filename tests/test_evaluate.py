@@ -189,3 +189,17 @@ def test_errors_name_the_flag(binary_run, tmp_path):
     make_jpeg_folder(tmp_path / "other", classes=2, per_class=4)  # class_0, class_1: not the run's
     with pytest.raises(DataError, match="the checkpoint was trained on brick, gravel"):
         evaluate_checkpoint(binary_run / "best.pt", options=_options(data=str(tmp_path / "other")))
+
+
+def test_dali_backend_measures_what_torchvision_measures(binary_run):
+    from multiscale_dali.loaders import dali_installed
+
+    if not dali_installed():
+        pytest.skip("DALI not installed")
+    # Batch size 24 does not divide the 64 test images: the partial last batch must count, unpadded.
+    dali = evaluate_checkpoint(binary_run / "best.pt", options=_options(scales=(48,), backend="dali", batch_size=24))
+    torchvision = evaluate_checkpoint(binary_run / "best.pt", options=_options(scales=(48,), batch_size=24))
+    assert dali.num_samples == torchvision.num_samples == 64
+    # The backends' resize kernels differ by rounding only: at most one image may flip.
+    assert abs(dali.rows[0].accuracy - torchvision.rows[0].accuracy) <= 1 / dali.num_samples + 1e-9
+    assert dali.rows[0].loss == pytest.approx(torchvision.rows[0].loss, rel=0.05)
