@@ -21,16 +21,38 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from multiscale_dali.checkpoint import CheckpointError, atomic_save
+from multiscale_dali.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from multiscale_dali.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
 from multiscale_dali.constants import SPLIT_NAMES
 from multiscale_dali.data import DataError, DatasetSplits, SplitFiles, discover_dataset
-from multiscale_dali.distributed import DistributedContext, DistributedError, distributed_session, quiet_unless_main
+from multiscale_dali.distributed import (
+    DistributedContext,
+    DistributedError,
+    distributed_session,
+    quiet_unless_main,
+    resolve_device,
+)
 from multiscale_dali.loader_spec import Loader, LoaderSpec
 from multiscale_dali.loaders import build_loader, resolve_backend
 from multiscale_dali.losses import ScaleConsistencyLoss, num_outputs, resolve_task
 from multiscale_dali.models import build_model
-from multiscale_dali.resume import best_path, capture_rng_state, find_resume_checkpoint, restore_rng_state, save_last
+from multiscale_dali.resume import (
+    best_path,
+    capture_rng_state,
+    find_resume_checkpoint,
+    restore_rng_state,
+    run_dir_of,
+    save_last,
+)
+from multiscale_dali.run_directory import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESULTS_FILE,
+    append_json_line,
+    check_fresh,
+    keep_metrics_before,
+    write_json,
+)
 from multiscale_dali.schedule import (
     ScaleSchedule,
     constant_schedule,
@@ -41,6 +63,7 @@ from multiscale_dali.schedule import (
 from multiscale_dali.signals import StopRequest
 from multiscale_dali.trainer import (
     EpochRecord,
+    FitResult,
     MultiScaleTrainer,
     ProgressiveMultiScaleTrainer,
     StepEvent,
@@ -48,12 +71,6 @@ from multiscale_dali.trainer import (
 )
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.json"
-
 
 @dataclass(frozen=True)
 class RunResult:
@@ -72,23 +89,11 @@ class RunResult:
     world_size: int = 1
 
 
-class RunDirectoryError(ValueError):
-    """The run directory already holds a run and no ``--resume`` was asked for."""
-
-
 class ResumeWorldSizeError(CheckpointError):
     """A mid-epoch checkpoint of N processes resumed with another number of processes."""
 
 
 # ---------------------------------------------------------------------------------------- pieces
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", f"{device} was asked for, but CUDA is not available on this machine")
-    return torch.device(device)
-
-
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on GPUs that support it, fp16 on older GPUs, off on CPU (slow there)."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
@@ -104,9 +109,10 @@ def build_schedule(config: TrainConfig) -> ScaleSchedule:
     try:
         if config.schedule:
             return stepwise_schedule(parse_steps(config.schedule))
+        # Two scales: a ramp snapped to --ramp-multiple; more: the listed scales are the ramp's steps.
         return linear_ramp_schedule(
             min_scale=config.scales[0], max_scale=config.scales[-1], epochs=config.epochs,
-            multiple=config.ramp_multiple,
+            multiple=config.ramp_multiple, levels=config.scales if len(config.scales) > 2 else None,
         )
     except ValueError as err:
         raise ConfigError("schedule", str(err)) from None
@@ -188,38 +194,23 @@ def _lr_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int, *, start
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
-def _check_run_directory(out_dir: Path) -> None:
-    """A fresh run never writes over another run's metrics or checkpoints."""
-    taken = [name for name in (METRICS_FILE, "checkpoints", "best.pt") if (out_dir / name).exists()]
-    if taken:
-        raise RunDirectoryError(
-            f"{out_dir} already holds a run ({', '.join(taken)}); continue it with --resume auto, "
-            "or choose another --out"
-        )
-
-
 def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """Settings that change what is trained must match the checkpoint's; errors name the flag."""
     current = config.to_dict()
+    schedule_free_of_epochs = config.lr_schedule == "constant" and (config.mode == "multiscale" or config.schedule)
+    if saved.get("epochs", config.epochs) != config.epochs and not schedule_free_of_epochs:
+        raise ConfigError(
+            "epochs", f"is {config.epochs} but the checkpoint {path} was trained for {saved['epochs']}: the "
+            "cosine learning-rate curve and the progressive ramp are laid out over the epoch count, so it can "
+            "change on resume only with --lr-schedule constant and a schedule that does not depend on it "
+            "(multiscale, or an explicit --schedule)"
+        )
     for key, value in saved.items():
         if key not in RESUME_MUTABLE_KEYS and key in current and current[key] != value:
             raise ConfigError(
                 key, f"is {current[key]!r} but the checkpoint {path} was trained with {value!r}; "
                 "resume with the same value or start a new --out"
             )
-
-
-def _keep_metrics_before(metrics_path: Path, epoch: int) -> None:
-    """On resume, epochs at or after the checkpoint will be trained again: set their lines aside."""
-    if not metrics_path.exists():
-        return
-    keep, drop = [], []
-    for line in metrics_path.read_text().splitlines():
-        if line.strip():
-            (keep if json.loads(line)["epoch"] < epoch else drop).append(line)
-    if drop:
-        with (metrics_path.parent / SUPERSEDED_METRICS_FILE).open("a") as handle:
-            handle.write("\n".join(drop) + "\n")
-        metrics_path.write_text("".join(line + "\n" for line in keep))
 
 
 def _check_ranks_agree(context: DistributedContext, what: str, value: Any) -> None:
@@ -273,14 +264,6 @@ def _resume_keeps_loader_states(payload: dict[str, Any], path: Path, world_size:
     return False
 
 
-def _append_json_line(path: Path, record: dict) -> None:
-    # Append and fsync each epoch: a crash later never loses the epochs already written.
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 class RunLoaders:
     """The train/val/test loaders of one run, closed together."""
 
@@ -321,195 +304,250 @@ def run_training(
     ``on_epoch_end``/``on_step``. ``config.batch_size`` is per process.
     """
     with distributed_session(config.device) as context, quiet_unless_main(context):
-        return _run_training(config, context, resume=resume, on_epoch_end=on_epoch_end, on_step=on_step)
+        return _TrainingRun(config, context, resume=resume, on_epoch_end=on_epoch_end, on_step=on_step).run()
 
 
-def _run_training(
-    config: TrainConfig,
-    context: DistributedContext,
-    *,
-    resume: str | None,
-    on_epoch_end: Callable[[EpochRecord], None] | None,
-    on_step: Callable[[StepEvent], None] | None,
-) -> RunResult:
-    out_dir = Path(config.out)
-    found = find_resume_checkpoint(resume, out_dir) if resume else None
-    _check_ranks_agree(context, "the checkpoint to resume from (epoch, step in epoch, global step)",
-                       None if found is None else tuple(int(found[1]["trainer"][k])
-                                                        for k in ("epoch", "step_in_epoch", "global_step")))
-    keep_loader_states = True
-    if found is None:
-        _check_run_directory(out_dir)
-    else:
-        _check_resume_config(config, found[1]["config"], found[0])
-        keep_loader_states = _resume_keeps_loader_states(found[1], found[0], context.world_size)
-        log.info("resuming from %s (epoch %d, step %d)", found[0],
-                 found[1]["trainer"]["epoch"] + 1, found[1]["trainer"]["step_in_epoch"])
-    device = context.device
-    backend = resolve_backend(config.backend)
-    seed_everything(config.seed)
-    root = dataset_root(config)
-    splits = discover_dataset(root, fractions=config.split_fractions, seed=config.seed)
-    splits = vet_splits(splits, config)
-    _check_ranks_agree(context, "the dataset splits (a hash of every file and label)", _splits_fingerprint(splits))
-    task = resolve_task(splits.num_classes, config.task)
-    schedule = build_schedule(config)
-    # Validation covers every scale the schedule visits, so one eval pipeline serves all epochs
-    # (rebuilding DALI pipelines per epoch grows device memory pools).
-    eval_schedule = constant_schedule(schedule.all_scales)
-    log.info(
-        "data %s: %d classes (%s), %s task; train/val/test = %d/%d/%d; backend %s on %s",
-        root, splits.num_classes, ", ".join(splits.classes), task,
-        len(splits.train), len(splits.val), len(splits.test), backend, device,
-    )
-    if context.is_distributed:
-        log.info("%d processes, each with batch size %d: global batch %d; each split is sharded over the ranks",
-                 context.world_size, config.batch_size, config.batch_size * context.world_size)
+class _TrainingRun:
+    """One process's part of a run: build, restore, fit, test. Only rank 0 writes files."""
 
-    def make_spec(split: SplitFiles, sched: ScaleSchedule, train: bool) -> LoaderSpec:
+    def __init__(self, config: TrainConfig, context: DistributedContext, *, resume: str | None,
+                 on_epoch_end: Callable[[EpochRecord], None] | None,
+                 on_step: Callable[[StepEvent], None] | None) -> None:
+        self.config = config
+        self.context = context
+        self.out_dir = Path(config.out)
+        self.on_epoch_end = on_epoch_end
+        self.on_step = on_step
+        self.found = self._find_checkpoint(resume)
+        self._saved_at: tuple[int, int, int] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _find_checkpoint(self, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+        found = find_resume_checkpoint(resume, self.out_dir) if resume else None
+        _check_ranks_agree(self.context, "the checkpoint to resume from (epoch, step in epoch, global step)",
+                           None if found is None else tuple(int(found[1]["trainer"][k])
+                                                            for k in ("epoch", "step_in_epoch", "global_step")))
+        if found is None:
+            check_fresh(self.out_dir)
+            return None
+        path, payload = found
+        if self.out_dir.resolve() != run_dir_of(path).resolve():
+            # Continuing a run somewhere else starts a new run directory: never mix two runs' files.
+            check_fresh(self.out_dir)
+        _check_resume_config(self.config, payload["config"], path)
+        log.info("resuming from %s (epoch %d, step %d)", path,
+                 payload["trainer"]["epoch"] + 1, payload["trainer"]["step_in_epoch"])
+        return found
+
+    def _prepare_data(self) -> None:
+        config, context = self.config, self.context
+        self.device = context.device
+        self.backend = resolve_backend(config.backend)
+        seed_everything(config.seed)
+        root = dataset_root(config)
+        splits = vet_splits(discover_dataset(root, fractions=config.split_fractions, seed=config.seed), config)
+        _check_ranks_agree(context, "the dataset splits (a hash of every file and label)", _splits_fingerprint(splits))
+        self.splits = splits
+        self.task = resolve_task(splits.num_classes, config.task)
+        self.schedule = build_schedule(config)
+        self.resolved = {"data": str(root), "backend": self.backend, "device": str(self.device), "task": self.task,
+                         "world_size": context.world_size,
+                         "global_batch_size": config.batch_size * context.world_size}
+        log.info(
+            "data %s: %d classes (%s), %s task; train/val/test = %d/%d/%d; backend %s on %s",
+            root, splits.num_classes, ", ".join(splits.classes), self.task,
+            len(splits.train), len(splits.val), len(splits.test), self.backend, self.device,
+        )
+        if context.is_distributed:
+            log.info("%d processes, each with batch size %d: global batch %d; each split is sharded over the ranks",
+                     context.world_size, config.batch_size, config.batch_size * context.world_size)
+
+    def _make_spec(self, split: SplitFiles, schedule: ScaleSchedule, train: bool) -> LoaderSpec:
+        config = self.config
         return LoaderSpec(
-            files=split.files, labels=split.labels, schedule=sched, batch_size=config.batch_size,
-            train=train, device=str(device), seed=config.seed, num_workers=config.workers,
+            files=split.files, labels=split.labels, schedule=schedule, batch_size=config.batch_size,
+            train=train, device=str(self.device), seed=config.seed, num_workers=config.workers,
             drop_last=train and len(split) > config.batch_size, channels_last=config.channels_last,
-            shard_id=context.rank, num_shards=context.world_size,
+            shard_id=self.context.rank, num_shards=self.context.world_size,
         )
 
-    model = build_model(config.model, num_outputs=num_outputs(task, splits.num_classes), pretrained=config.pretrained)
-    model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
-    optimizer = _optimizer(config, model.parameters())
-    loaders = RunLoaders(backend=backend, make_spec=make_spec, splits=splits,
-                         train_schedule=schedule, eval_schedule=eval_schedule)
-    try:
+    def _build(self) -> None:
+        config = self.config
+        model = build_model(config.model, num_outputs=num_outputs(self.task, self.splits.num_classes),
+                            pretrained=config.pretrained)
+        model = model.to(self.device,
+                         memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+        self.optimizer = _optimizer(config, model.parameters())
+        # Validation covers every scale the schedule visits, so one eval pipeline serves all epochs
+        # (rebuilding DALI pipelines per epoch grows device memory pools).
+        self.loaders = RunLoaders(backend=self.backend, make_spec=self._make_spec, splits=self.splits,
+                                  train_schedule=self.schedule, eval_schedule=constant_schedule(self.schedule.all_scales))
         # Shards are padded to one size, so every rank runs the same steps per epoch; a rank with
         # fewer would leave the others waiting in a collective until the timeout.
-        _check_ranks_agree(context, "the batches per epoch (train, val)",
-                           (len(loaders.train), None if loaders.val is None else len(loaders.val)))
+        _check_ranks_agree(self.context, "the batches per epoch (train, val)",
+                           (len(self.loaders.train), None if self.loaders.val is None else len(self.loaders.val)))
         trainer_cls = ProgressiveMultiScaleTrainer if config.mode == "progressive" else MultiScaleTrainer
-        trainer = trainer_cls(
+        self.trainer = trainer_cls(
             model,
-            loss=ScaleConsistencyLoss(
-                task=task, consistency_weight=config.consistency_weight,
-                consistency_type=config.consistency_type, teacher=config.teacher,
-            ),
-            optimizer=optimizer,
-            schedule=schedule,
-            options=TrainerOptions(
-                epochs=config.epochs, amp_dtype=resolve_amp(config.amp, device),
-                grad_clip_norm=config.grad_clip or None, memory_efficient=config.memory_efficient,
-            ),
-            lr_scheduler=_lr_scheduler(config, optimizer, len(loaders.train)),
-            device=device,
-            distributed=context,
+            loss=ScaleConsistencyLoss(task=self.task, consistency_weight=config.consistency_weight,
+                                      consistency_type=config.consistency_type, teacher=config.teacher),
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            options=TrainerOptions(epochs=config.epochs, amp_dtype=resolve_amp(config.amp, self.device),
+                                   grad_clip_norm=config.grad_clip or None, memory_efficient=config.memory_efficient),
+            lr_scheduler=_lr_scheduler(config, self.optimizer, len(self.loaders.train)),
+            device=self.device,
+            distributed=self.context,
         )
-        resolved = {"data": str(root), "backend": backend, "device": str(device), "task": task,
-                    "world_size": context.world_size, "global_batch_size": config.batch_size * context.world_size}
-        metrics_path = out_dir / METRICS_FILE
-        if context.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        if found is not None:
-            payload = found[1]
-            trainer.load_state_dict(payload["trainer"])
-            # Checkpoints of one process before sharding existed hold a single "loader" and "rng".
-            loader_states = payload.get("loaders") or [payload["loader"]]
-            rng_states = payload.get("rngs") or [payload["rng"]]
-            if keep_loader_states:
-                loaders.train.load_state_dict(loader_states[context.rank])
-                restore_rng_state(rng_states[context.rank])
-            else:
-                restore_rng_state(rng_states[0])
-                # The schedule counts steps, and an epoch now has another number of them: continue at
-                # the step this epoch boundary has under the new sharding.
-                start = trainer.epoch * len(loaders.train)
-                trainer.lr_scheduler = _lr_scheduler(config, optimizer, len(loaders.train), start_step=start)
-                trainer.global_step = start
-            if trainer.best_epoch is not None and best_path(out_dir).exists():
-                from multiscale_dali.checkpoint import load_checkpoint
 
-                trainer.best_state = load_checkpoint(best_path(out_dir))["model"]
-            if context.is_main:
-                _keep_metrics_before(metrics_path, trainer.epoch)
-        if context.is_main:
-            (out_dir / CONFIG_FILE).write_text(json.dumps(
-                {"config": config.to_dict(), "resolved": resolved, "schedule": schedule.to_dict(),
-                 "classes": list(splits.classes), "dataset": splits.summary(), "argv": sys.argv,
-                 "versions": library_versions()}, indent=2))
-
-        def model_payload(epoch: int | None, val: dict | None = None) -> dict[str, Any]:
-            return {"model": trainer.net.state_dict(), "config": config.to_dict(), "resolved": resolved,
-                    "classes": list(splits.classes), "task": task, "schedule": schedule.to_dict(),
-                    "epoch": epoch, "val": {str(s): m for s, m in (val or {}).items()}}
-
-        def save_training_state() -> None:
-            # A collective: every rank contributes its own loader position and RNG state (each shard is
-            # at its own place), and rank 0 writes the one checkpoint.
-            trainer_state = trainer.state_dict()
-            ranks = context.all_gather_object(
-                {"loader": loaders.train.state_dict(), "rng": capture_rng_state(), "global_step": trainer.global_step})
-            if context.is_main:
-                save_last({"trainer": trainer_state, "loaders": [r["loader"] for r in ranks],
-                           "rngs": [r["rng"] for r in ranks], "rank_steps": [r["global_step"] for r in ranks],
-                           "config": config.to_dict(), "resolved": resolved, "classes": list(splits.classes),
-                           "task": task, "schedule": schedule.to_dict(), "world_size": context.world_size}, out_dir)
-
-        def step_done(event: StepEvent) -> None:
-            if config.checkpoint_every and event.global_step % config.checkpoint_every == 0:
-                save_training_state()
-            if on_step is not None and context.is_main:
-                on_step(event)
-
-        def epoch_done(record: EpochRecord) -> None:
-            if context.is_main:
-                _append_json_line(metrics_path, {"mode": config.mode, "backend": backend} | record.to_json())
-                if record.is_best:
-                    atomic_save(model_payload(record.epoch, record.val), best_path(out_dir))
-            save_training_state()
-            if on_epoch_end is not None and context.is_main:
-                on_epoch_end(record)
-
-        val_epoch = None if loaders.val is None else loaders.val.epoch
-        with StopRequest() as stop:
-            # The flag is combined over the ranks at every step boundary (torchrun forwards SIGTERM to
-            # every worker, but not at the same instant), so all ranks stop after the same step.
-            result = trainer.fit(loaders.train.epoch, val_epoch, on_epoch_end=epoch_done, on_step=step_done,
-                                 should_stop=lambda: context.any_rank(stop.requested))
-            if result.interrupted:
-                save_training_state()
-                signal_name = next((n for n in context.all_gather_object(stop.signal_name) if n), None)
-                log.warning("rank %d/%d stopped by %s at epoch %d step %d (global step %d)%s",
-                            context.rank, context.world_size, signal_name, trainer.epoch + 1,
-                            trainer.step_in_epoch, trainer.global_step,
-                            "; checkpoint saved, continue with --resume auto" if context.is_main else "")
-                # Nobody exits before rank 0's checkpoint is on disk.
-                context.barrier()
-                return RunResult(out_dir=out_dir, backend=backend, device=str(device), task=task,
-                                 classes=splits.classes, history=result.history, best_epoch=result.best_epoch,
-                                 test={}, dataset=splits.summary(), interrupted=True,
-                                 stop_signal=signal_name, rank=context.rank, world_size=context.world_size)
-        trainer.load_best()
-        if trainer.best_state is None and context.is_main:  # no validation split: the final weights are the model
-            atomic_save(model_payload(config.epochs - 1), best_path(out_dir))
-        test_scales = schedule.final_scales if config.mode == "multiscale" else schedule.all_scales
-        test_metrics: dict[int, dict[str, float]] = {}
-        if len(splits.test):
-            test_loader = loaders.test(constant_schedule(test_scales))
+    def _restore(self, path: Path, payload: dict[str, Any]) -> None:
+        trainer, context = self.trainer, self.context
+        keep_loader_states = _resume_keeps_loader_states(payload, path, context.world_size)
+        trainer.load_state_dict(payload["trainer"])
+        # Checkpoints of one process before sharding existed hold a single "loader" and "rng".
+        loader_states = payload.get("loaders") or [payload["loader"]]
+        rng_states = payload.get("rngs") or [payload["rng"]]
+        if keep_loader_states:
             try:
-                test_metrics = trainer.evaluate(test_loader.epoch(0))
-            finally:
-                test_loader.close()
+                self.loaders.train.load_state_dict(loader_states[context.rank])
+            except ValueError as err:
+                raise CheckpointError(f"{path} cannot continue this run's data pipeline: {err}") from None
+            restore_rng_state(rng_states[context.rank])
+        else:
+            restore_rng_state(rng_states[0])
+            # The schedule counts steps, and an epoch now has another number of them: continue at
+            # the step this epoch boundary has under the new sharding.
+            start = trainer.epoch * len(self.loaders.train)
+            trainer.lr_scheduler = _lr_scheduler(self.config, self.optimizer, len(self.loaders.train),
+                                                 start_step=start)
+            trainer.global_step = start
+        source_best = best_path(run_dir_of(path))
+        if trainer.best_epoch is not None and source_best.exists():
+            trainer.best_state = load_checkpoint(source_best)["model"]
         if context.is_main:
-            (out_dir / RESULTS_FILE).write_text(json.dumps(
-                {"best_epoch": trainer.best_epoch, "best_val_accuracy": None if trainer.best_score is None
-                 else trainer.best_score[0], "test": {str(s): m for s, m in test_metrics.items()},
-                 "backend": backend, "device": str(device), "task": task, "classes": list(splits.classes),
-                 "world_size": context.world_size}, indent=2))
-        context.barrier()
-    finally:
-        loaders.close()
-    return RunResult(
-        out_dir=out_dir, backend=backend, device=str(device), task=task, classes=splits.classes,
-        history=result.history, best_epoch=trainer.best_epoch, test=test_metrics, dataset=splits.summary(),
-        rank=context.rank, world_size=context.world_size,
-    )
+            keep_metrics_before(self.out_dir / METRICS_FILE, trainer.epoch)
+        self._saved_at = self._position()
+
+    # ------------------------------------------------------------------ files (rank 0)
+    def _common(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "resolved": self.resolved, "classes": list(self.splits.classes),
+                "task": self.task, "schedule": self.schedule.to_dict()}
+
+    def _write_config(self) -> None:
+        if self.context.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.out_dir / CONFIG_FILE, self._common() | {
+                "dataset": self.splits.summary(), "argv": sys.argv, "versions": library_versions()})
+
+    def _save_best(self, epoch: int | None, val: dict | None = None) -> None:
+        if self.context.is_main:
+            atomic_save(self._common() | {"model": self.trainer.net.state_dict(), "epoch": epoch,
+                                          "val": {str(s): m for s, m in (val or {}).items()}},
+                        best_path(self.out_dir))
+
+    def _position(self) -> tuple[int, int, int]:
+        return self.trainer.epoch, self.trainer.step_in_epoch, self.trainer.global_step
+
+    def _save_training_state(self) -> None:
+        """A collective: every rank contributes its loader position and RNG state, rank 0 writes.
+
+        Saving twice at one position (an interrupt right after an epoch-end save) is skipped, so
+        ``previous.pt`` stays a genuinely older checkpoint to fall back on.
+        """
+        if self._saved_at == self._position():
+            return
+        trainer_state = self.trainer.state_dict()
+        ranks = self.context.all_gather_object({"loader": self.loaders.train.state_dict(),
+                                                "rng": capture_rng_state(), "global_step": self.trainer.global_step})
+        if self.context.is_main:
+            save_last(self._common() | {
+                "trainer": trainer_state, "loaders": [r["loader"] for r in ranks], "rngs": [r["rng"] for r in ranks],
+                "rank_steps": [r["global_step"] for r in ranks], "world_size": self.context.world_size},
+                self.out_dir)
+        self._saved_at = self._position()
+
+    # ------------------------------------------------------------------ callbacks
+    def _step_done(self, event: StepEvent) -> None:
+        if self.config.checkpoint_every and event.global_step % self.config.checkpoint_every == 0:
+            self._save_training_state()
+        if self.on_step is not None and self.context.is_main:
+            self.on_step(event)
+
+    def _epoch_done(self, record: EpochRecord) -> None:
+        if self.context.is_main:
+            append_json_line(self.out_dir / METRICS_FILE,
+                             {"mode": self.config.mode, "backend": self.backend} | record.to_json())
+            if record.is_best:
+                self._save_best(record.epoch, record.val)
+        self._save_training_state()
+        if self.on_epoch_end is not None and self.context.is_main:
+            self.on_epoch_end(record)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> RunResult:
+        self._prepare_data()
+        self._build()
+        try:
+            if self.found is not None:
+                self._restore(*self.found)
+            self._write_config()
+            val_epoch = None if self.loaders.val is None else self.loaders.val.epoch
+            with StopRequest() as stop:
+                # The flag is combined over the ranks at every step boundary (torchrun forwards SIGTERM
+                # to every worker, but not at the same instant), so all ranks stop after the same step.
+                fit = self.trainer.fit(self.loaders.train.epoch, val_epoch, on_epoch_end=self._epoch_done,
+                                       on_step=self._step_done, should_stop=lambda: self.context.any_rank(stop.requested))
+                if fit.interrupted:
+                    return self._interrupted(fit, stop.signal_name)
+            test = self._test()
+        finally:
+            self.loaders.close()
+        return self._result(fit, test=test)
+
+    def _interrupted(self, fit: FitResult, own_signal: str | None) -> RunResult:
+        self._save_training_state()
+        signal_name = next((n for n in self.context.all_gather_object(own_signal) if n), None)
+        trainer = self.trainer
+        log.warning("rank %d/%d stopped by %s at epoch %d step %d (global step %d)%s",
+                    self.context.rank, self.context.world_size, signal_name, trainer.epoch + 1,
+                    trainer.step_in_epoch, trainer.global_step,
+                    "; checkpoint saved, continue with --resume auto" if self.context.is_main else "")
+        # Nobody exits before rank 0's checkpoint is on disk.
+        self.context.barrier()
+        return self._result(fit, test={}, interrupted=True, stop_signal=signal_name)
+
+    def _test(self) -> dict[int, dict[str, float]]:
+        """The best model, once, on the test split; results.json."""
+        trainer, schedule = self.trainer, self.schedule
+        trainer.load_best()
+        if trainer.best_state is None:  # no validation split: the final weights are the model
+            self._save_best(self.config.epochs - 1)
+        test_scales = schedule.final_scales if self.config.mode == "multiscale" else schedule.all_scales
+        metrics: dict[int, dict[str, float]] = {}
+        if len(self.splits.test):
+            loader = self.loaders.test(constant_schedule(test_scales))
+            try:
+                metrics = trainer.evaluate(loader.epoch(0))
+            finally:
+                loader.close()
+        if self.context.is_main:
+            write_json(self.out_dir / RESULTS_FILE, {
+                "best_epoch": trainer.best_epoch,
+                "best_val_accuracy": None if trainer.best_score is None else trainer.best_score[0],
+                "test": {str(s): m for s, m in metrics.items()}, "backend": self.backend,
+                "device": str(self.device), "task": self.task, "classes": list(self.splits.classes),
+                "world_size": self.context.world_size})
+        self.context.barrier()
+        return metrics
+
+    def _result(self, fit: FitResult, *, test: dict, interrupted: bool = False,
+                stop_signal: str | None = None) -> RunResult:
+        return RunResult(
+            out_dir=self.out_dir, backend=self.backend, device=str(self.device), task=self.task,
+            classes=self.splits.classes, history=fit.history, best_epoch=self.trainer.best_epoch, test=test,
+            dataset=self.splits.summary(), interrupted=interrupted, stop_signal=stop_signal,
+            rank=self.context.rank, world_size=self.context.world_size,
+        )
 
 
 def library_versions() -> dict[str, str | None]:

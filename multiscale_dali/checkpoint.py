@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -29,17 +29,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write to a temporary file beside ``path``, fsync, rename over it, fsync the directory.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """``write`` into a temporary file beside ``path``, fsync, rename over it, fsync the directory.
 
-    A reader sees either the old complete file or the new complete file, never half of one.
+    A reader (another rank, a resumed run after a crash) sees either the old complete file or the new
+    complete file, never half of one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -48,6 +49,16 @@ def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """:func:`torch.save` of ``payload`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8 text (JSON manifests, results) through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

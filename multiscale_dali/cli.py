@@ -25,6 +25,13 @@ def _scales(value: str) -> tuple[int, ...]:
         raise ConfigError("scales", f"{value!r} is not a comma-separated list of integers, e.g. 64,96,128") from None
 
 
+def _fractions(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError("split_fractions", f"{value!r} is not three comma-separated numbers, e.g. 0.8,0.1,0.1") from None
+
+
 # (flag, config field, click type, help). Every flag defaults to None = "not given", so a recipe's
 # value survives unless the flag is on the command line.
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -33,20 +40,21 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--out", "out", click.Path(file_okay=False), "Run directory (metrics.jsonl, config.json, results.json, best.pt). Default: runs/<timestamp>."),
     ("--backend", "backend", click.Choice(BACKENDS), "Data pipeline: auto picks DALI when it imports."),
     ("--mode", "mode", click.Choice(MODES), "multiscale: all scales every step; progressive: one growing scale."),
-    ("--scales", "scales", str, "Comma-separated increasing scales, e.g. 64,96,128 (progressive: ramp from first to last)."),
-    ("--schedule", "schedule", str, "Progressive steps EPOCH:SCALE,..., e.g. 0:64,3:96,6:128."),
-    ("--ramp-multiple", "ramp_multiple", int, "Progressive ramp scales snap to this multiple."),
+    ("--scales", "scales", str, "Comma-separated increasing scales. multiscale: all of them every step; progressive: a ramp from the first to the last (more than two: the ramp's steps)."),
+    ("--schedule", "schedule", str, "progressive only: explicit EPOCH:SCALE steps, e.g. 0:64,3:96,6:128 (replaces the ramp)."),
+    ("--ramp-multiple", "ramp_multiple", int, "progressive ramp between two scales: intermediate scales snap to this multiple."),
     ("--epochs", "epochs", int, "Number of epochs."),
     ("--batch-size", "batch_size", int, "Batch size per process."),
     ("--model", "model", str, "Model name (see `msdali models`)."),
     ("--pretrained/--no-pretrained", "pretrained", None, "Start from cached torchvision weights (never downloaded)."),
     ("--task", "task", click.Choice(TASKS), "binary (one logit, BCE) or multiclass (CE); auto: binary for 2 classes."),
-    ("--consistency-weight", "consistency_weight", float, "Weight of the scale-consistency loss (0 = off)."),
+    ("--consistency-weight", "consistency_weight", float, "multiscale only: weight of the scale-consistency loss (0 = off)."),
     ("--consistency-type", "consistency_type", click.Choice(CONSISTENCY_TYPES), "Divergence between scales."),
     ("--teacher", "teacher", click.Choice(["largest", "mean"]), "Consistency target: largest scale or ensemble mean."),
     ("--optimizer", "optimizer", click.Choice(["adamw", "sgd"]), "Optimizer."),
     ("--lr", "lr", float, "Peak learning rate."),
-    ("--weight-decay", "weight_decay", float, "Weight decay."),
+    ("--weight-decay", "weight_decay", float, "Weight decay (decoupled for AdamW)."),
+    ("--momentum", "momentum", float, "SGD momentum (Nesterov)."),
     ("--lr-schedule", "lr_schedule", click.Choice(["cosine", "constant"]), "Learning-rate schedule (per step)."),
     ("--warmup-epochs", "warmup_epochs", float, "Linear warm-up length in epochs."),
     ("--amp", "amp", click.Choice(["auto", "off", "bf16", "fp16"]), "Mixed precision; auto = bf16/fp16 on CUDA, off on CPU."),
@@ -56,14 +64,28 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--device", "device", str, "auto, cpu, cuda or cuda:N."),
     ("--workers", "workers", int, "DALI threads / torchvision loader workers."),
     ("--seed", "seed", int, "Random seed (data order, crops, initialisation)."),
+    ("--split-fractions", "split_fractions", str, "train,val,test fractions when --data has no train/val/test folders."),
     ("--checkpoint-every", "checkpoint_every", int, "Also checkpoint every N steps (0 = at epoch ends only)."),
     ("--on-bad-file", "on_bad_file", click.Choice(["error", "skip"]), "Unreadable images found by the pre-flight scan: stop, or train without them."),
     ("--max-image-pixels", "max_image_pixels", int, "Reject images whose header claims more pixels (decompression bombs)."),
 ]
 
 
+def _default_text(field: str) -> str:
+    value = getattr(TrainConfig(), field)
+    if value is None or field == "out":
+        return ""
+    if isinstance(value, tuple):
+        value = ",".join(str(v) for v in value)
+    elif isinstance(value, bool):
+        value = "on" if value else "off"
+    return f" [default: {value}]" if value != "" else ""
+
+
 def _train_options(func):
-    for flag, _, kind, help_text in reversed(TRAIN_FLAGS):
+    # Defaults are shown from TrainConfig itself, so --help can never drift from the real values.
+    for flag, field, kind, help_text in reversed(TRAIN_FLAGS):
+        help_text += _default_text(field)
         if kind is None:
             func = click.option(flag, default=None, help=help_text)(func)
         else:
@@ -86,6 +108,8 @@ def build_train_config(
         given = {field: flags[field] for _, field, _, _ in TRAIN_FLAGS if flags.get(field) is not None}
         if "scales" in given:
             given["scales"] = _scales(given["scales"])
+        if "split_fractions" in given:
+            given["split_fractions"] = _fractions(given["split_fractions"])
         if "out" not in given and resumed is None and (config_path is None or base.out == TrainConfig().out):
             given["out"] = f"runs/{datetime.now():%Y%m%d-%H%M%S}"
         return config_from_mapping(given, base=base, source="command line")
@@ -96,7 +120,7 @@ def build_train_config(
 def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | None:
     """The configuration stored in the checkpoint a resume will use (None: fresh run)."""
     from multiscale_dali.checkpoint import CheckpointError
-    from multiscale_dali.resume import find_resume_checkpoint
+    from multiscale_dali.resume import find_resume_checkpoint, run_dir_of
 
     if resume is None:
         return None
@@ -106,7 +130,10 @@ def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | Non
         found = find_resume_checkpoint(resume, Path(out or "."))
     except CheckpointError as err:
         raise click.UsageError(f"--resume: {err}") from None
-    return None if found is None else found[1]["config"]
+    if found is None:
+        return None
+    # Without --out, a checkpoint file continues in its own run directory, wherever it was moved.
+    return found[1]["config"] | {"out": str(run_dir_of(found[0]))}
 
 
 @contextmanager
@@ -115,9 +142,11 @@ def user_errors() -> Iterator[None]:
     from multiscale_dali.data import DataError
     from multiscale_dali.models import ModelError
 
-    from multiscale_dali.app import RunDirectoryError
+    from multiscale_dali.run_directory import RunDirectoryError
     from multiscale_dali.checkpoint import CheckpointError
+    from multiscale_dali.distributed import DistributedError
     from multiscale_dali.scan import BadImagesError
+    from multiscale_dali.trainer import NonFiniteLossError
 
     try:
         yield
@@ -125,6 +154,8 @@ def user_errors() -> Iterator[None]:
         raise click.UsageError(f"--out: {err}") from None
     except CheckpointError as err:
         raise click.UsageError(f"--resume: {err}") from None
+    except (NonFiniteLossError, DistributedError) as err:
+        raise click.ClickException(str(err)) from None
     except BadImagesError as err:
         raise click.ClickException(f"{err}\nOr train without them: --on-bad-file skip.") from None
     except DataError as err:
@@ -167,6 +198,8 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
     """
     from multiscale_dali.app import run_training
 
+    if config_path and resume:
+        raise click.UsageError("--config: a resumed run keeps its checkpoint's configuration; drop --config")
     resumed = _resumed_config(resume, flags.get("out"))
     config = build_train_config(config_path, flags, resumed=resumed)
     # Under torchrun every rank runs this command; only rank 0 talks (and writes, see app.py).
@@ -376,7 +409,7 @@ def evaluate(checkpoint: str, data: str | None, split: str, scales_text: str | N
 def predict(checkpoint: str, images: tuple[str, ...], scale: int | None, scales_text: str | None,
             device: str) -> None:
     """Class and probability of each image (tab-separated: path, class, probability)."""
-    from multiscale_dali.app import resolve_device
+    from multiscale_dali.distributed import resolve_device
     from multiscale_dali.evaluate import ImageError, default_predict_scales, load_model, predict_images
 
     if scale is not None and scales_text:

@@ -123,7 +123,12 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(key, f"must be >= 0, got {value}")
-        if self.memory_efficient and self.teacher != "largest":
+        if self.schedule and self.mode != "progressive":
+            raise ConfigError("schedule", "applies to --mode progressive only (multiscale trains every --scales each step)")
+        if self.mode == "progressive" and self.consistency_weight > 0:
+            raise ConfigError("consistency_weight", "compares the scales of one step, and progressive mode trains "
+                              "one scale per step; use --mode multiscale for consistency")
+        if self.memory_efficient and self.teacher != "largest" and self.consistency_weight > 0:
             # One scale's graph at a time needs the target before the students: only the largest
             # scale (computed first) can be it; the ensemble mean needs every scale at once.
             raise ConfigError("memory_efficient", "needs --teacher largest (the ensemble mean needs all scales at once)")

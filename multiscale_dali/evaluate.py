@@ -407,7 +407,7 @@ def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
 
 def evaluate_checkpoint(checkpoint: str | Path, *, options: EvalOptions) -> EvalReport:
     """Evaluate ``checkpoint`` on ``options.split`` at each of ``options.scales`` plus their ensemble."""
-    from multiscale_dali.app import resolve_device
+    from multiscale_dali.distributed import resolve_device
     from multiscale_dali.loaders import resolve_backend
 
     device = resolve_device(options.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from multiscale_dali.config import ConfigError
 from multiscale_dali.loader_spec import Loader, LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,9 @@ def resolve_backend(backend: str) -> str:
         log.info("backend auto: using %s%s", chosen, "" if chosen == "dali" else f" ({DALI_INSTALL_HINT})")
         return chosen
     if backend == "dali" and not dali_installed():
-        raise RuntimeError(DALI_INSTALL_HINT)
+        raise ConfigError("backend", DALI_INSTALL_HINT)
     if backend not in ("dali", "torchvision"):
-        raise ValueError(f"unknown backend {backend!r}; choose from auto, dali, torchvision")
+        raise ConfigError("backend", f"unknown backend {backend!r}; choose from auto, dali, torchvision")
     return backend
 
 

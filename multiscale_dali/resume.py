@@ -30,6 +30,12 @@ def best_path(run_dir: Path) -> Path:
     return Path(run_dir) / BEST
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint file belongs to (``RUN/checkpoints/last.pt`` -> ``RUN``)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
+
+
 def save_last(payload: dict[str, Any], run_dir: Path) -> Path:
     """Keep the previous good checkpoint beside the new one, then write the new one atomically.
 

@@ -40,7 +40,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import warnings
 import zlib
@@ -52,6 +51,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 import PIL
 from PIL import Image, ImageFile, TiffImagePlugin, features
 
+from multiscale_dali.checkpoint import atomic_write_text
 from multiscale_dali.constants import IMAGE_EXTENSIONS
 
 __all__ = [
@@ -376,7 +376,7 @@ class _Manifest:
             "entries": entries,
         }
         try:
-            _atomic_write_text(self.path, json.dumps(payload, indent=1, sort_keys=True))
+            atomic_write_text(self.path, json.dumps(payload, indent=1, sort_keys=True))
         except OSError as exc:
             # The cache is an optimisation: failing to write it must not fail the scan.
             logger.warning("could not write scan cache %s: %s", self.path, exc)
@@ -881,23 +881,6 @@ def _strict_pillow() -> Iterator[None]:
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous_truncated
             TiffImagePlugin.READ_LIBTIFF = previous_libtiff
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Temp file beside ``path`` + fsync + ``os.replace``: readers (another rank, a crash) see the
-    old manifest or the new one, never half of one. The directory is not fsynced: losing the
-    newest manifest in a power cut only costs a rescan."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _log_summary(result: ScanResult) -> None:

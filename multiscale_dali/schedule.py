@@ -108,12 +108,14 @@ def linear_ramp_schedule(
     start_ramp: int | None = None,
     end_ramp: int | None = None,
     multiple: int = 32,
+    levels: Sequence[int] | None = None,
 ) -> ScaleSchedule:
     """FFCV-style ramp: ``min_scale`` until ``start_ramp``, linear to ``max_scale`` at ``end_ramp``.
 
     Intermediate scales are rounded to a multiple of ``multiple`` (fewer distinct shapes: fewer
-    cuDNN autotunes and torch.compile recompiles) and clamped to ``[min_scale, max_scale]``.
-    Defaults ramp over the middle of training: start at 25% of epochs, end at 75%.
+    cuDNN autotunes and torch.compile recompiles) and clamped to ``[min_scale, max_scale]``; with
+    ``levels``, they snap to the nearest of those scales instead. Defaults ramp over the middle of
+    training: start at 25% of epochs, end at 75%.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -133,7 +135,10 @@ def linear_ramp_schedule(
             scale = min_scale
         else:
             raw = min_scale + (max_scale - min_scale) * (epoch - start) / (end - start)
-            scale = int(round(raw / multiple)) * multiple
+            if levels:
+                scale = min(levels, key=lambda level: abs(level - raw))
+            else:
+                scale = int(round(raw / multiple)) * multiple
         steps[epoch] = min(max(scale, min_scale), max_scale)
     return stepwise_schedule(steps)
 

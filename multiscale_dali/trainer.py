@@ -9,7 +9,6 @@ produced the batches.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -200,6 +199,10 @@ class MultiScaleTrainer:
         # Under DDP a backward all-reduces the gradients and waits for every rank, so a rank whose
         # loss is non-finite still runs it; the ranks then agree to skip the step together.
         backward_always = self.distributed.is_distributed
+        # The train-mode forward updates BatchNorm running statistics before the loss is known to be
+        # finite; a skipped step must not leave inf/NaN in them (they would poison every later eval).
+        buffers = list(self.net.buffers())
+        saved_buffers = [b.detach().clone() for b in buffers]
         if self.options.memory_efficient and len(batch.images) > 1:
             total, components, logits = self._backward_one_scale_at_a_time(batch, backward_always=backward_always)
         else:
@@ -214,6 +217,9 @@ class MultiScaleTrainer:
             finite = not self.distributed.any_rank(not finite)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(buffers, saved_buffers):
+                    buffer.copy_(saved)
             self._nonfinite_in_a_row += 1
             meter.skipped += 1
             log.warning("non-finite loss at step %d%s: step skipped", self.global_step,

@@ -246,6 +246,23 @@ def test_baseline_decodes_the_file_once_per_scale(tiny_folder: Path, monkeypatch
     assert all(batch.images[s].shape == (BATCH, 3, s, s) and batch.images[s].dtype == torch.float32 for s in SCALES)
 
 
+@needs_dali
+def test_dali_sweeps_and_decode_only_run_on_cpu(tiny_folder: Path) -> None:
+    """The GPU-only section's code path, exercised on CPU operators (hw_decoder_load is ignored there)."""
+    files = tuple(sorted(str(p) for p in tiny_folder.rglob("*.jpg")))
+    files, labels = repeat_to_fill(files, [0] * len(files), min_samples=samples_needed(batch_size=BATCH, warmup=1,
+                                                                                        iters=2))
+    cfg = benchmark.BenchConfig(files=files, labels=labels, num_classes=2, scales=SCALES, batch_size=BATCH,
+                                device="cpu", iters=2, warmup=1, repeats=2, worker_counts=(0,), dali_threads=2)
+    gpu = benchmark.dali_sweeps(cfg, threads=(1, 2), hw_decoder_loads=(0.65,))
+    assert _positive_stats(gpu["decode_only"]["images_per_s"])
+    assert sorted((p["threads"], p["hw_decoder_load"]) for p in gpu["sweep"]) == [(1, 0.65), (2, 0.65)]
+    assert all(_positive_stats(p["images_per_s"]) and len(p["windows"]) == 2 for p in gpu["sweep"])
+    results = {**_fake_results("cuda:0"), "gpu": gpu}
+    assert compute_ratios(results)["dali_vs_decode_only"] > 0
+    assert "decode only" in benchmark._gpu_lines(results)[-len(gpu["sweep"]) - 1]
+
+
 def test_run_benchmark_rejects_bad_arguments(tiny_folder: Path) -> None:
     common = dict(data=tiny_folder, scales=SCALES, batch_size=BATCH, model=None, iters=1, device="cpu",
                   workers=(0,), warmup=0, repeats=1, synthetic=None)

@@ -42,8 +42,9 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["multiscale", "progressive"])
 def test_train_writes_metrics_config_results_and_model(tmp_path, image_root, backend, mode):
     out = tmp_path / "run"
+    by_mode = ["--consistency-weight", "0.5"] if mode == "multiscale" else ["--schedule", "0:32,1:48"]
     result = _train("--data", str(image_root), "--out", str(out), "--backend", backend, "--mode", mode,
-                    "--epochs", "2", "--consistency-weight", "0.5", *SMALL)
+                    "--epochs", "2", *by_mode, *SMALL)
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1]
@@ -72,6 +73,9 @@ def test_train_writes_metrics_config_results_and_model(tmp_path, image_root, bac
         (["--data", "/no/such/folder"], "--data"),
         (["--consistency-type", "kl"], "--consistency-type"),
         (["--epochs", "0"], "--epochs"),
+        (["--schedule", "0:32,2:48"], "--schedule"),
+        (["--mode", "progressive", "--consistency-weight", "1"], "--consistency-weight"),
+        (["--config", "pipelines/nope.toml"], "--config"),
     ],
 )
 def test_bad_flag_is_a_one_line_error_naming_it_with_exit_code_2(tmp_path, args, flag):
@@ -109,8 +113,9 @@ def test_bad_image_stops_before_training_unless_skipped(tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["multiscale", "progressive"])
 def test_resumed_run_ends_with_bit_identical_weights(tmp_path, image_root, backend, mode):
+    by_mode = ["--consistency-weight", "0.5"] if mode == "multiscale" else ["--schedule", "0:32,2:48"]
     common = ["--data", str(image_root), "--backend", backend, "--mode", mode, "--lr-schedule", "constant",
-              "--schedule", "0:32,2:48", "--consistency-weight", "0.5", *SMALL]
+              *by_mode, *SMALL]
     assert _train(*common, "--epochs", "3", "--out", str(tmp_path / "full")).exit_code == 0
     assert _train(*common, "--epochs", "2", "--out", str(tmp_path / "part")).exit_code == 0
     resumed = _train("--resume", "auto", "--epochs", "3", "--out", str(tmp_path / "part"))
@@ -126,6 +131,35 @@ def test_resume_refuses_a_changed_setting_naming_the_flag(tmp_path, image_root):
     assert _train("--data", str(image_root), "--out", str(out), "--epochs", "1", *SMALL).exit_code == 0
     result = CliRunner().invoke(main, ["train", "--resume", "auto", "--out", str(out), "--scales", "32,64"])
     assert result.exit_code == 2 and "--scales" in result.output
+    # The cosine curve is laid out over the epochs: extending it would jump the learning rate back up.
+    result = CliRunner().invoke(main, ["train", "--resume", "auto", "--out", str(out), "--epochs", "3"])
+    assert result.exit_code == 2 and "--epochs" in result.output and "cosine" in result.output
+
+
+def test_resume_from_another_runs_checkpoint_never_writes_into_a_used_directory(tmp_path, image_root):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert _train("--data", str(image_root), "--out", str(out), "--epochs", "2", "--lr-schedule", "constant",
+                      *SMALL).exit_code == 0
+    before = (b / "metrics.jsonl").read_text()
+    refused = CliRunner().invoke(main, ["train", "--resume", str(a / "checkpoints" / "previous.pt"),
+                                        "--out", str(b)])
+    assert refused.exit_code == 2 and "--out" in refused.output
+    assert (b / "metrics.jsonl").read_text() == before
+    # Into a fresh directory it is a new run continuing from that point; without --out, its own run.
+    forked = _train("--resume", str(a / "checkpoints" / "previous.pt"), "--out", str(tmp_path / "c"))
+    assert forked.exit_code == 0, forked.output
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()] == [1]
+    own = _train("--resume", str(a / "checkpoints" / "last.pt"), "--epochs", "3")
+    assert own.exit_code == 0, own.output
+    assert [json.loads(x)["epoch"] for x in (a / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_dali_backend_without_dali_names_the_flag_and_the_install(tmp_path, image_root, monkeypatch):
+    monkeypatch.setattr("multiscale_dali.loaders.dali_installed", lambda: False)
+    result = CliRunner().invoke(main, ["train", "--data", str(image_root), "--out", str(tmp_path / "r"),
+                                       "--backend", "dali", *SMALL])
+    assert result.exit_code == 2 and "--backend" in result.output and "nvidia-dali-cuda120" in result.output
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,7 +183,8 @@ def test_sigterm_mid_epoch_checkpoints_and_resume_matches_uninterrupted_run(tmp_
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, image_root, caplog):
     out = tmp_path / "run"
-    assert _train("--data", str(image_root), "--out", str(out), "--epochs", "2", *SMALL).exit_code == 0
+    assert _train("--data", str(image_root), "--out", str(out), "--epochs", "2", "--lr-schedule", "constant",
+                  *SMALL).exit_code == 0
     last = out / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     resumed = _train("--resume", "auto", "--epochs", "3", "--out", str(out))

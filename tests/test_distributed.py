@@ -398,7 +398,7 @@ def test_sigterm_stops_every_rank_at_one_step_with_exit_75_and_resume_finishes(t
     directory and a relative --out, so any file it wrote would show up there."""
     env = _env(tmp_path / "cache")
     cwds, logs = [tmp_path / "rank0", tmp_path / "rank1"], [tmp_path / "rank0.log", tmp_path / "rank1.log"]
-    args = _train_args(dataset, "run", "torchvision", "--checkpoint-every", "1")
+    args = _train_args(dataset, "run", "torchvision", "--checkpoint-every", "1", "--lr-schedule", "constant")
     ranks = _launch_ranks_directly(args, env=env, cwds=cwds, logs=logs)
     try:
         run = cwds[0] / "run"

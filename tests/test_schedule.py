@@ -74,3 +74,10 @@ def test_parse_steps_names_the_bad_part():
 def test_negative_epoch_is_an_error():
     with pytest.raises(ValueError, match="epoch"):
         constant_schedule([64]).scales_at(-1)
+
+
+def test_ramp_with_levels_visits_only_the_listed_scales_in_order():
+    schedule = linear_ramp_schedule(min_scale=64, max_scale=160, epochs=12, levels=(64, 96, 160))
+    scales = [s for (s,) in schedule.describe(12)]
+    assert set(scales) == {64, 96, 160}
+    assert scales == sorted(scales) and scales[0] == 64 and scales[-1] == 160

@@ -1,0 +1,56 @@
+"""The files of a run directory besides checkpoints: names, and writes that never lose data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from multiscale_dali.checkpoint import atomic_write_text
+from multiscale_dali.resume import BEST, CHECKPOINT_DIR
+
+METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+
+
+class RunDirectoryError(ValueError):
+    """The run directory already holds a run and no ``--resume`` was asked for."""
+
+
+def check_fresh(out_dir: Path) -> None:
+    """A fresh run never writes over another run's metrics or checkpoints."""
+    taken = [name for name in (METRICS_FILE, CHECKPOINT_DIR, BEST) if (out_dir / name).exists()]
+    if taken:
+        raise RunDirectoryError(
+            f"{out_dir} already holds a run ({', '.join(taken)}); continue it with --resume auto, "
+            "or choose another --out"
+        )
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+def append_json_line(path: Path, record: dict[str, Any]) -> None:
+    # Append and fsync each epoch: a crash later never loses the epochs already written.
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def keep_metrics_before(metrics_path: Path, epoch: int) -> None:
+    """On resume, epochs at or after the checkpoint are trained again: move their lines aside."""
+    if not metrics_path.exists():
+        return
+    keep, drop = [], []
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            (keep if json.loads(line)["epoch"] < epoch else drop).append(line)
+    if drop:
+        with (metrics_path.parent / SUPERSEDED_METRICS_FILE).open("a") as handle:
+            handle.write("\n".join(drop) + "\n")
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))
