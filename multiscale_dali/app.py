@@ -30,7 +30,6 @@ from multiscale_dali.distributed import (
     DistributedError,
     distributed_session,
     quiet_unless_main,
-    resolve_device,
 )
 from multiscale_dali.loader_spec import Loader, LoaderSpec
 from multiscale_dali.loaders import build_loader, resolve_backend

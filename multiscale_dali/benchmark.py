@@ -993,7 +993,7 @@ def benchmark_gpu(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _resolve_device(device: str) -> str:
-    from multiscale_dali.app import resolve_device
+    from multiscale_dali.distributed import resolve_device
 
     return str(resolve_device(device))
 

@@ -25,6 +25,10 @@ MODES: tuple[str, ...] = ("multiscale", "progressive")
 TASKS: tuple[str, ...] = ("auto", "binary", "multiclass")
 CONSISTENCY_TYPES: tuple[str, ...] = ("kl_divergence", "js", "mse")
 
+# Share of JPEG decoding DALI's mixed decoder sends to the hardware JPEG engines (A100/H100 and
+# later); the rest runs on the CUDA/CPU hybrid path. The benchmark sweeps it.
+DEFAULT_HW_DECODER_LOAD: float = 0.65
+
 # Exit code of `msdali train` when it stopped on SIGTERM/SIGINT after saving a checkpoint:
 # EX_TEMPFAIL from sysexits.h, "try again later", which is what `--resume auto` then does.
 EXIT_INTERRUPTED = 75

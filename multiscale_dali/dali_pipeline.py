@@ -38,9 +38,10 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from nvidia.dali.types import BatchInfo
 
 from multiscale_dali.batch import MultiScaleBatch, to_model_batch
+from multiscale_dali.constants import DEFAULT_HW_DECODER_LOAD
 from multiscale_dali.loader_spec import LoaderSpec
 from multiscale_dali.schedule import ScaleSchedule
-from multiscale_dali.torch_pipeline import (
+from multiscale_dali.sampling import (
     AUGMENT_STREAM,
     SHUFFLE_STREAM,
     check_loader_state,
@@ -101,7 +102,7 @@ class _Placement:
         return args
 
 
-def placement_for(device: str, *, hw_decoder_load: float = 0.65) -> _Placement:
+def placement_for(device: str, *, hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD) -> _Placement:
     """CUDA devices get the mixed (nvJPEG / hardware) decoder; anything else a CPU-only pipeline."""
     torch_device = torch.device(device)
     if torch_device.type != "cuda":
@@ -153,7 +154,7 @@ def _random_crop(encoded: DataNode, graph: _Graph) -> DataNode:
 
 
 def _centre_crop(encoded: DataNode, graph: _Graph) -> DataNode:
-    """Decode only the centre square; integer maths identical to ``torch_pipeline.eval_crop_box``."""
+    """Decode only the centre square; integer maths identical to ``sampling.eval_crop_box``."""
     # int32: the slice arguments reject int64. H, W, C after EXIF orientation, like the decoder.
     shape = fn.peek_image_shape(encoded, dtype=types.INT32)
     height, width = shape[0], shape[1]
@@ -213,7 +214,7 @@ def decode_only_pipeline(
     batch_size: int,
     num_threads: int = 2,
     device: str = "cpu",
-    hw_decoder_load: float = 0.65,
+    hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
 ) -> Pipeline:
     """A built read + decode pipeline: the throughput ceiling the multi-scale graph is measured against.
 

@@ -33,7 +33,6 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms.v2 import functional as F
 
 from multiscale_dali.batch import MultiScaleBatch, normalize_nhwc_uint8
 from multiscale_dali.checkpoint import CheckpointError, load_checkpoint
@@ -469,18 +468,14 @@ def default_eval_path(checkpoint: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- predict
-def _resize(image: torch.Tensor, scale: int) -> torch.Tensor:
-    # The pipelines' resize (torch_pipeline and DALI, held together by the parity tests).
-    return F.resize(image, [scale, scale], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-
-
 def preprocess_image(path: str | Path, *, scales: Sequence[int], eval_crop_fraction: float = EVAL_CROP_FRACTION,
                      channels_last: bool = True) -> dict[int, torch.Tensor]:
     """Normalised float ``[1, 3, s, s]`` per scale, as a single-scale eval batch of the pipelines.
 
     Centre crop, then each scale resized from the crop (as :func:`evaluate_checkpoint` measures it).
     """
-    from multiscale_dali.torch_pipeline import eval_crop_box, load_rgb
+    from multiscale_dali.sampling import eval_crop_box
+    from multiscale_dali.torch_pipeline import load_rgb, resize_square
 
     path = Path(path)
     if not path.is_file():
@@ -491,7 +486,7 @@ def preprocess_image(path: str | Path, *, scales: Sequence[int], eval_crop_fract
         raise ImageError(f"cannot read image {path}: {err}") from None
     top, left, side = eval_crop_box(image.shape[-2], image.shape[-1], eval_crop_fraction)
     crop = image[:, top : top + side, left : left + side]
-    return {s: normalize_nhwc_uint8(_resize(crop, s).permute(1, 2, 0).unsqueeze(0), channels_last=channels_last)
+    return {s: normalize_nhwc_uint8(resize_square(crop, s).permute(1, 2, 0).unsqueeze(0), channels_last=channels_last)
             for s in sorted(scales)}
 
 

@@ -15,11 +15,16 @@ Image geometry shared by both backends (the parity test holds them to it):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol
 
 from multiscale_dali.batch import MultiScaleBatch
-from multiscale_dali.constants import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, EVAL_CROP_FRACTION
+from multiscale_dali.constants import (
+    DEFAULT_CROP_AREA,
+    DEFAULT_CROP_ASPECT,
+    DEFAULT_HW_DECODER_LOAD,
+    EVAL_CROP_FRACTION,
+)
 from multiscale_dali.schedule import ScaleSchedule
 
 
@@ -41,8 +46,7 @@ class LoaderSpec:
     crop_aspect: tuple[float, float] = DEFAULT_CROP_ASPECT
     eval_crop_fraction: float = EVAL_CROP_FRACTION
     # DALI only: the share of JPEG decoding sent to the hardware decoder on GPUs that have one.
-    hw_decoder_load: float = 0.65
-    options: dict = field(default_factory=dict, compare=False, hash=False)
+    hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
 
     def __post_init__(self) -> None:
         if len(self.files) != len(self.labels):

@@ -65,10 +65,6 @@ class ScaleSchedule:
         """Every scale the schedule ever uses, ascending."""
         return tuple(sorted({s for _, scales in self.stages for s in scales}))
 
-    @property
-    def max_scale(self) -> int:
-        return self.all_scales[-1]
-
     def scales_at(self, epoch: int) -> tuple[int, ...]:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")

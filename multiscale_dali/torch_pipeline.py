@@ -8,8 +8,7 @@ Workers hold no state that changes between epochs: the main-process batch sample
 ``(seed, epoch, index)``, so a run is reproducible whatever the number of workers and a resumed run
 at epoch ``e`` sees exactly what the uninterrupted run saw.
 
-This module also holds the pure geometry and ordering helpers the DALI backend mirrors, so both
-backends read one definition of the eval crop and the shard layout.
+The pure geometry and ordering helpers it shares with the DALI backend live in ``sampling``.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from fractions import Fraction
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -29,45 +27,22 @@ from torchvision.transforms.v2 import functional as F
 
 from multiscale_dali.batch import MultiScaleBatch, to_model_batch
 from multiscale_dali.loader_spec import LoaderSpec
+from multiscale_dali.sampling import (
+    AUGMENT_STREAM,
+    SHUFFLE_STREAM,
+    check_loader_state,
+    derived_seed,
+    eval_crop_box,
+    loader_state,
+    padded_sample_order,
+    padding_mask,
+)
 
 log = logging.getLogger(__name__)
 
 SampleKey = tuple[int, int, tuple[int, ...]]  # (sample index, epoch, scales of that epoch)
 
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop and DALI's random crop generator
-# Seed streams of derived_seed; DALI uses the same numbers for its reader shuffle and its augmentations.
-SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1
-
-
-def derived_seed(seed: int, epoch: int, *, stream: int) -> int:
-    """A 31-bit seed for ``(seed, epoch, stream)``: independent streams, valid for DALI and NumPy."""
-    entropy = [seed % 2**32, epoch, stream]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def eval_crop_ratio(fraction: float) -> tuple[int, int]:
-    """``fraction`` as a small exact ratio, so every backend computes the same integer crop side."""
-    ratio = Fraction(fraction).limit_denominator(1000)
-    return ratio.numerator, ratio.denominator
-
-
-def eval_crop_box(height: int, width: int, fraction: float) -> tuple[int, int, int]:
-    """``(top, left, side)`` of the centre square of side ``fraction * min(height, width)``, floored."""
-    num, den = eval_crop_ratio(fraction)
-    side = max(min(height, width) * num // den, 1)
-    return (height - side) // 2, (width - side) // 2, side
-
-
-def padded_sample_order(num_samples: int, num_shards: int, order: Sequence[int] | None = None) -> list[int]:
-    """``order`` (default ``0..n-1``) cycled to ``ceil(n / shards) * shards`` entries.
-
-    Shard ``k`` reads the ``k``-th contiguous block of the result (DALI's reader layout), so every
-    shard has exactly ``LoaderSpec.shard_size`` samples; the few padding samples repeat the head, as
-    ``DistributedSampler`` does.
-    """
-    order = list(range(num_samples)) if order is None else list(order)
-    total = math.ceil(num_samples / num_shards) * num_shards
-    return [order[i % num_samples] for i in range(total)]
 
 
 def shard_indices(spec: LoaderSpec, epoch: int) -> list[int]:
@@ -79,67 +54,6 @@ def shard_indices(spec: LoaderSpec, epoch: int) -> list[int]:
     padded = padded_sample_order(count, spec.num_shards, order)
     start = spec.shard_id * spec.shard_size
     return [int(i) for i in padded[start : start + spec.shard_size]]
-
-
-def padding_mask(spec: LoaderSpec, step: int, size: int) -> torch.Tensor | None:
-    """Which of the ``size`` samples of batch ``step`` of this shard are real, as a bool tensor.
-
-    Padding is the tail of :func:`padded_sample_order` (positions ``>= len(spec.files)``) whatever the
-    shuffle, and shard ``k`` reads the ``k``-th contiguous block, so the position alone tells a padded
-    duplicate from its original. ``None`` when the batch holds no padding (almost every batch).
-    """
-    first = spec.shard_id * spec.shard_size + step * spec.batch_size
-    if first + size <= len(spec.files):
-        return None
-    return torch.arange(first, first + size) < len(spec.files)
-
-
-def resume_fields(spec: LoaderSpec) -> dict[str, Any]:
-    """The spec fields a loader state is only valid under, as plain data.
-
-    A step index means the same batches only for the same sample count, batch size, shard layout,
-    last-batch rule and schedule, and the same batches only for the same seed; a state saved under
-    any other value would resume silently at the wrong place, so loading it is refused.
-    """
-    return {
-        "train": spec.train,
-        "num_samples": len(spec.files),
-        "batch_size": spec.batch_size,
-        "num_shards": spec.num_shards,
-        "shard_id": spec.shard_id,
-        "drop_last": spec.drop_last,
-        "seed": spec.seed,
-        "schedule": spec.schedule.to_dict(),
-    }
-
-
-def loader_state(backend: str, spec: LoaderSpec, epoch: int, step: int) -> dict[str, Any]:
-    """The backend-independent part of every loader's ``state_dict``."""
-    return {"backend": backend, "epoch": epoch, "step": step, "spec": resume_fields(spec)}
-
-
-def check_loader_state(state: Mapping[str, Any], spec: LoaderSpec, *, backend: str) -> tuple[int, int]:
-    """``(epoch, step)`` of a state made by :func:`loader_state`; ``ValueError`` naming what differs."""
-    if not isinstance(state, Mapping):
-        raise ValueError(f"a loader state is a dict, got {type(state).__name__}")
-    if state.get("backend") != backend:
-        raise ValueError(f"loader state is from backend {state.get('backend')!r}, this loader is {backend!r}")
-    saved = state.get("spec")
-    if not isinstance(saved, Mapping):
-        raise ValueError("loader state has no 'spec' fields to check it against this loader")
-    for name, value in resume_fields(spec).items():
-        if saved.get(name) != value:
-            raise ValueError(f"loader state has {name}={saved.get(name)!r}, this loader has {name}={value!r}")
-    epoch, step = state.get("epoch"), state.get("step")
-    # bool is an int subclass; True as an epoch is a corrupt state, not epoch 1.
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, step)):
-        raise ValueError(f"loader state needs integer epoch and step, got {epoch!r} and {step!r}")
-    if epoch < 0 or not 0 <= step <= spec.steps_per_epoch:
-        raise ValueError(
-            f"loader state position epoch={epoch} step={step} is outside 0 <= step <= "
-            f"{spec.steps_per_epoch} (batches per epoch)"
-        )
-    return epoch, step
 
 
 def epoch_batches(spec: LoaderSpec, epoch: int) -> list[list[SampleKey]]:
@@ -231,7 +145,8 @@ def random_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize(image: torch.Tensor, scale: int) -> torch.Tensor:
+def resize_square(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` -> ``[3, scale, scale]``, antialiased bilinear: DALI's resize, held to it by parity tests."""
     return F.resize(image, [scale, scale], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
 
 
@@ -248,11 +163,11 @@ class MultiScaleImageDataset(Dataset):
         index, epoch, scales = key
         image = load_rgb(self.spec.files[index])
         crop, flip = self._crop_and_flip(image, epoch, index)
-        largest = _resize(crop, scales[-1])
+        largest = resize_square(crop, scales[-1])
         if flip:
             largest = largest.flip(-1)
         # Smaller scales come from the largest output: the same region, and far fewer pixels to filter.
-        outputs = {s: _resize(largest, s) for s in scales[:-1]}
+        outputs = {s: resize_square(largest, s) for s in scales[:-1]}
         outputs[scales[-1]] = largest
         return {s: t.permute(1, 2, 0).contiguous() for s, t in outputs.items()}, int(self.spec.labels[index])
 

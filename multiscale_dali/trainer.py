@@ -54,7 +54,6 @@ class TrainerOptions:
     grad_clip_norm: float | None = None
     memory_efficient: bool = False
     max_consecutive_nonfinite: int = 5
-    log_every: int = 0  # steps between progress log lines; 0 = only per epoch
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -114,7 +113,6 @@ class StepEvent:
 class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int | None = None
-    best_val_accuracy: float | None = None
     interrupted: bool = False
 
 
@@ -414,7 +412,6 @@ class MultiScaleTrainer:
                 result.interrupted = True
                 break
         result.best_epoch = self.best_epoch
-        result.best_val_accuracy = None if self.best_score is None else self.best_score[0]
         return result
 
     # ------------------------------------------------------------------ checkpoint state

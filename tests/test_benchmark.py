@@ -352,3 +352,29 @@ def test_format_report_mentions_every_backend_and_section(full_results: dict) ->
     for heading in ("Loader throughput", "Training step: tiny_cnn", "Peak memory", "Goals", "GPU sections skipped"):
         assert heading in report
     assert full_results["machine"]["cpu_model"] in report
+
+
+def test_benchmark_command_prints_every_backend_and_writes_json(tiny_folder: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from multiscale_dali.cli import main
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, [
+        "benchmark", "--data", str(tiny_folder), "--scales", "32,48", "--batch-size", "4", "--iters", "2",
+        "--warmup", "0", "--repeats", "1", "--workers", "0", "--model", "none", "--backends",
+        "torchvision,baseline", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "torchvision" in result.output and "baseline" in result.output
+    report = json.loads(out.read_text())
+    assert {"machine", "loader", "ratios"} <= set(report)
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] == torch.__version__
+
+
+def test_benchmark_command_names_a_bad_backend(tiny_folder: Path) -> None:
+    from click.testing import CliRunner
+
+    from multiscale_dali.cli import main
+
+    result = CliRunner().invoke(main, ["benchmark", "--data", str(tiny_folder), "--backends", "opencv"])
+    assert result.exit_code == 2 and "opencv" in result.output

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from conftest import make_jpeg_folder
 from multiscale_dali.app import run_training
@@ -30,7 +30,7 @@ def image_root(tmp_path_factory) -> Path:
     return root
 
 
-def _train(*args: str) -> "click.testing.Result":  # noqa: F821
+def _train(*args: str) -> Result:
     return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
 
 

@@ -13,14 +13,8 @@ from torchvision.transforms.v2 import functional as F
 from conftest import make_jpeg_folder, synthetic_image, to_uint8
 from multiscale_dali.loader_spec import LoaderSpec
 from multiscale_dali.schedule import constant_schedule, stepwise_schedule
-from multiscale_dali.torch_pipeline import (
-    TorchvisionLoader,
-    epoch_batches,
-    eval_crop_box,
-    load_rgb,
-    padded_sample_order,
-    random_crop_box,
-)
+from multiscale_dali.sampling import eval_crop_box, padded_sample_order
+from multiscale_dali.torch_pipeline import TorchvisionLoader, epoch_batches, load_rgb, random_crop_box
 
 PROGRESSIVE = stepwise_schedule({0: 32, 1: 48, 2: 64})
 
