@@ -252,12 +252,15 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
     second scan of unchanged files decodes nothing; `msdali train` runs the same scan.
     """
     from multiscale_dali.app import scan_cache_path
+    from multiscale_dali.progress import CountProgress
     from multiscale_dali.scan import DEFAULT_MAX_PIXELS, scan_tree
 
     root = Path(data) if data else _default_data_root()
     if not root.is_dir():
         raise click.UsageError(f"--data: {root} is not a directory")
-    result = scan_tree(root, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS, cache_path=scan_cache_path(root))
+    with CountProgress(desc="scan", unit="file", enabled=_bars_enabled()) as progress:
+        result = scan_tree(root, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS, cache_path=scan_cache_path(root),
+                           on_progress=progress)
     for report in result.bad:
         click.echo(f"BAD       {report.path}: {report.reason}")
     for report in result.converted:
@@ -280,6 +283,11 @@ def _default_data_root() -> Path:
     return default_dataset()
 
 # ---------------------------------------------------------------------------------------- the user's side
+def _bars_enabled() -> bool | None:
+    """-q asks for warnings only: no progress bars either. Otherwise (None) tqdm shows them on a terminal only."""
+    return False if logging.getLogger().getEffectiveLevel() > logging.INFO else None
+
+
 class _TrainReporter:
     """What `msdali train` shows per step and per epoch: progress bar, epoch line, TensorBoard scalars."""
 
@@ -288,9 +296,7 @@ class _TrainReporter:
 
         self.epochs = epochs
         self.out = out
-        # -q asks for warnings only: no bar either. Otherwise tqdm shows it only on a terminal.
-        quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
-        self.progress = EpochProgress(epochs=epochs, stream=sys.stderr, enabled=False if quiet else None)
+        self.progress = EpochProgress(epochs=epochs, stream=sys.stderr, enabled=_bars_enabled())
         self.tensorboard = tensorboard
         self._writer = None
 

@@ -29,7 +29,8 @@ TEACHERS = ("largest", "mean")
 DEFAULT_DATASETS = ("textures", "textures-binary")
 BAD_FILE_POLICIES = ("error", "skip")
 # What may differ between a checkpoint's configuration and the resuming run's.
-RESUME_MUTABLE_KEYS = frozenset({"epochs", "out", "workers", "checkpoint_every", "device", "on_bad_file"})
+# AMP may change too (a GPU run resumed on a CPU box): the GradScaler state is handled both ways.
+RESUME_MUTABLE_KEYS = frozenset({"epochs", "out", "workers", "checkpoint_every", "device", "on_bad_file", "amp"})
 
 
 class ConfigError(ValueError):

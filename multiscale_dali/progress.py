@@ -76,3 +76,35 @@ class EpochProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CountProgress:
+    """``on_progress(done, total)`` callback drawing a bar of ``unit`` items (scan, benchmark rounds).
+
+    The bar opens on the first call, when the total is known, and only on a terminal (as above).
+    """
+
+    def __init__(self, *, desc: str, unit: str, stream: IO[str] | None = None, enabled: bool | None = None) -> None:
+        self.desc, self.unit = desc, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=self.stream, leave=False,
+                             disable=None if self.enabled is None else not self.enabled, mininterval=0.5)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "CountProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -46,7 +46,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import PIL
 from PIL import Image, ImageFile, TiffImagePlugin, features
@@ -396,6 +396,7 @@ def scan_files(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache_path: str | os.PathLike[str] | None = None,
     workers: int = DEFAULT_SCAN_WORKERS,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
     """Check each file by content, whatever its extension, and return one report per file.
 
@@ -404,7 +405,8 @@ def scan_files(
     (checked on the header, before any pixel is decoded), or truncated/corrupt (a full decode
     fails). Duplicate paths are reported once. With ``cache_path``, verdicts of files whose
     (size, mtime_ns, pixel limit) are unchanged are reused without opening the file, and the
-    manifest is rewritten atomically.
+    manifest is rewritten atomically. ``on_progress(done, total)`` follows the files that are
+    actually decoded (a progress bar for a first scan of a large dataset).
 
     For the duration of the call, Pillow's ``DecompressionBombWarning`` is an error and
     ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False; both are restored afterwards. Those are
@@ -441,12 +443,17 @@ def scan_files(
         else:
             to_check.append((abs_path, key))
 
+    def check(item: tuple[str, tuple[int, int, int]]) -> _Verdict:
+        return _check_file(item[0], max_pixels=limit)
+
+    verdicts: list[_Verdict] = []
     with _strict_pillow():
-        if workers == 1 or len(to_check) <= 1:
-            verdicts = [_check_file(p, max_pixels=limit) for p, _ in to_check]
-        else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
-                verdicts = list(pool.map(lambda item: _check_file(item[0], max_pixels=limit), to_check))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
+            # map() yields in order on this thread, so the progress callback never runs concurrently.
+            for verdict in (map(check, to_check) if workers == 1 else pool.map(check, to_check)):
+                verdicts.append(verdict)
+                if on_progress is not None:
+                    on_progress(len(verdicts), len(to_check))
 
     for (abs_path, key), verdict in zip(to_check, verdicts):
         reports[abs_path] = verdict.report
@@ -466,6 +473,7 @@ def scan_tree(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache_path: str | os.PathLike[str] | None = None,
     workers: int = DEFAULT_SCAN_WORKERS,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
     """Scan every regular, non-hidden file below ``root`` (recursively, following symlinks like
     torchvision's ImageFolder) and report folders that hold no image file and no subfolder.
@@ -496,7 +504,8 @@ def scan_tree(
     for folder in empty_dirs:
         logger.warning("empty folder (no image files, no subfolders): %s", folder)
 
-    scanned = scan_files(image_files, max_pixels=max_pixels, cache_path=cache_path, workers=workers)
+    scanned = scan_files(image_files, max_pixels=max_pixels, cache_path=cache_path, workers=workers,
+                         on_progress=on_progress)
     reports = sorted((*scanned.reports, *ignored), key=lambda r: r.path)
     return ScanResult(reports=tuple(reports), empty_dirs=tuple(sorted(empty_dirs)), cached_count=scanned.cached_count)
 

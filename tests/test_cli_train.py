@@ -248,3 +248,15 @@ def test_training_on_cuda_keeps_batches_on_the_device(tmp_path, image_root, back
     config = json.loads((tmp_path / "gpu" / "config.json").read_text())
     assert config["resolved"]["device"].startswith("cuda")
     assert config["versions"]["gpu"]
+
+
+@pytest.mark.parametrize("first, then", [("fp16", "off"), ("off", "fp16")])
+def test_resume_across_amp_on_and_off(tmp_path, image_root, first, then):
+    out = tmp_path / "run"
+    common = ["--data", str(image_root), "--lr-schedule", "constant", "--backend", "torchvision", *SMALL]
+    assert _train(*common, "--out", str(out), "--epochs", "1", "--amp", first).exit_code == 0
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["trainer"]
+    assert ("scaler" in saved) == (first == "fp16"), "the GradScaler is saved only when it is in use"
+    resumed = _train("--resume", "auto", "--out", str(out), "--epochs", "2", "--amp", then)
+    assert resumed.exit_code == 0, resumed.output
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
