@@ -344,7 +344,14 @@ class _TrainingRun:
         self.backend = resolve_backend(config.backend)
         seed_everything(config.seed)
         root = dataset_root(config)
-        splits = vet_splits(discover_dataset(root, fractions=config.split_fractions, seed=config.seed), config)
+        discovered = discover_dataset(root, fractions=config.split_fractions, seed=config.seed)
+        # Rank 0 scans first and fills the manifest; the other ranks then read its verdicts instead of
+        # all decoding the whole dataset at once.
+        if context.is_main:
+            splits = vet_splits(discovered, config)
+        context.barrier()
+        if not context.is_main:
+            splits = vet_splits(discovered, config)
         _check_ranks_agree(context, "the dataset splits (a hash of every file and label)", _splits_fingerprint(splits))
         self.splits = splits
         self.task = resolve_task(splits.num_classes, config.task)

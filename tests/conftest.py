@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pytest
@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from multiscale_dali.constants import IMAGENET_MEAN, IMAGENET_STD
+from multiscale_dali.loader_spec import LoaderSpec
+from multiscale_dali.schedule import constant_schedule
 
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((96, 64), (80, 120), (100, 100), (150, 90), (70, 110))
 
@@ -59,6 +61,25 @@ def make_jpeg_folder(
             files.append(str(path))
             labels.append(label)
     return files, labels
+
+
+def make_spec(files: Sequence[str], labels: Sequence[int], **overrides: Any) -> LoaderSpec:
+    """A small eval-mode spec at 32/48/64 px, batch 4; tests override what they exercise."""
+    args: dict[str, Any] = dict(
+        files=tuple(files), labels=tuple(labels), schedule=constant_schedule([32, 48, 64]), batch_size=4,
+        train=False, num_workers=1,
+    )
+    args.update(overrides)
+    return LoaderSpec(**args)
+
+
+def run_loader(loader_cls: Callable[[LoaderSpec], Any], spec: LoaderSpec, epochs: Iterable[int]) -> list[list]:
+    """Every batch of ``epochs`` from a fresh loader, which is closed afterwards."""
+    loader = loader_cls(spec)
+    try:
+        return [list(loader.epoch(e)) for e in epochs]
+    finally:
+        loader.close()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,53 +13,17 @@ from torchvision.transforms.v2 import functional as F
 
 pytest.importorskip("nvidia.dali")
 
-from conftest import make_jpeg_folder, to_uint8  # noqa: E402
+from conftest import make_jpeg_folder, make_spec, run_loader, to_uint8  # noqa: E402
 from multiscale_dali.dali_pipeline import DaliLoader, ScheduledSizes, decode_only_pipeline  # noqa: E402
-from multiscale_dali.loader_spec import LoaderSpec  # noqa: E402
 from multiscale_dali.schedule import constant_schedule, stepwise_schedule  # noqa: E402
 
 PROGRESSIVE = stepwise_schedule({0: 32, 1: 48, 2: 64})
-
-
-def _spec(files, labels, **overrides) -> LoaderSpec:
-    args = dict(
-        files=tuple(files),
-        labels=tuple(labels),
-        schedule=constant_schedule([32, 48, 64]),
-        batch_size=4,
-        train=False,
-        num_workers=1,
-    )
-    args.update(overrides)
-    return LoaderSpec(**args)
-
-
-def _run(spec: LoaderSpec, epochs) -> list[list]:
-    loader = DaliLoader(spec)
-    try:
-        return [list(loader.epoch(e)) for e in epochs]
-    finally:
-        loader.close()
+_spec = make_spec
+_run = functools.partial(run_loader, DaliLoader)
 
 
 def _order(batches) -> list[int]:
     return torch.cat([b.labels for b in batches]).tolist()
-
-
-def test_eval_batches_have_every_scale_as_normalised_float_and_file_order_labels(jpeg_folder):
-    files, labels = jpeg_folder
-    spec = _spec(files, labels, batch_size=3)
-    (batches,) = _run(spec, [0])
-    assert len(batches) == len(DaliLoader(spec)) == 3
-    assert [b.batch_size for b in batches] == [3, 3, 2]
-    for batch in batches:
-        assert batch.scales == (32, 48, 64)
-        assert batch.labels.dtype == torch.int64
-        for scale, images in batch.images.items():
-            assert images.dtype == torch.float32
-            assert tuple(images.shape) == (batch.batch_size, 3, scale, scale)
-            assert images.is_contiguous(memory_format=torch.channels_last)
-    assert _order(batches) == labels
 
 
 def test_train_scales_of_a_sample_share_one_crop_and_flip(jpeg_folder):

@@ -16,13 +16,15 @@ the same images, so the tolerance still catches any geometry disagreement.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from conftest import make_jpeg_folder, synthetic_image, to_uint8  # noqa: E402
+from conftest import make_jpeg_folder, make_spec, run_loader, synthetic_image, to_uint8  # noqa: E402
 from multiscale_dali.dali_pipeline import DaliLoader  # noqa: E402
 from multiscale_dali.loader_spec import LoaderSpec  # noqa: E402
 from multiscale_dali.schedule import constant_schedule, stepwise_schedule  # noqa: E402
@@ -30,30 +32,11 @@ from multiscale_dali.torch_pipeline import TorchvisionLoader  # noqa: E402
 
 MAX_LEVELS = 8
 MEAN_LEVELS = 1.0
-
-
-def _spec(files, labels, **overrides) -> LoaderSpec:
-    args = dict(
-        files=tuple(files),
-        labels=tuple(labels),
-        schedule=constant_schedule([24, 48, 64]),
-        batch_size=4,
-        train=False,
-        num_workers=1,
-    )
-    args.update(overrides)
-    return LoaderSpec(**args)
+_spec = functools.partial(make_spec, schedule=constant_schedule([24, 48, 64]))
 
 
 def _both(spec: LoaderSpec, epochs) -> tuple[list[list], list[list]]:
-    results = []
-    for cls in (DaliLoader, TorchvisionLoader):
-        loader = cls(spec)
-        try:
-            results.append([list(loader.epoch(e)) for e in epochs])
-        finally:
-            loader.close()
-    return results[0], results[1]
+    return run_loader(DaliLoader, spec, epochs), run_loader(TorchvisionLoader, spec, epochs)
 
 
 def _assert_same_contract(dali_batches, torch_batches) -> None:

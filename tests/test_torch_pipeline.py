@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -10,50 +11,15 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from conftest import make_jpeg_folder, synthetic_image, to_uint8
-from multiscale_dali.loader_spec import LoaderSpec
+from conftest import make_jpeg_folder, make_spec, run_loader, synthetic_image, to_uint8
 from multiscale_dali.schedule import constant_schedule, stepwise_schedule
 from multiscale_dali.sampling import eval_crop_box, padded_sample_order
 from multiscale_dali.torch_pipeline import TorchvisionLoader, epoch_batches, load_rgb, random_crop_box
 
 PROGRESSIVE = stepwise_schedule({0: 32, 1: 48, 2: 64})
-
-
-def _spec(files, labels, **overrides) -> LoaderSpec:
-    args = dict(
-        files=tuple(files),
-        labels=tuple(labels),
-        schedule=constant_schedule([32, 48, 64]),
-        batch_size=4,
-        train=False,
-        num_workers=0,
-    )
-    args.update(overrides)
-    return LoaderSpec(**args)
-
-
-def _run(spec: LoaderSpec, epochs) -> list[list]:
-    loader = TorchvisionLoader(spec)
-    try:
-        return [list(loader.epoch(e)) for e in epochs]
-    finally:
-        loader.close()
-
-
-def test_eval_batches_have_every_scale_as_normalised_float_and_file_order_labels(jpeg_folder):
-    files, labels = jpeg_folder
-    spec = _spec(files, labels, batch_size=3)
-    (batches,) = _run(spec, [0])
-    assert len(batches) == len(TorchvisionLoader(spec)) == 3
-    assert [b.batch_size for b in batches] == [3, 3, 2]
-    for batch in batches:
-        assert batch.scales == (32, 48, 64)
-        assert batch.labels.dtype == torch.int64
-        for scale, images in batch.images.items():
-            assert images.dtype == torch.float32
-            assert tuple(images.shape) == (batch.batch_size, 3, scale, scale)
-            assert images.is_contiguous(memory_format=torch.channels_last)
-    assert torch.cat([b.labels for b in batches]).tolist() == labels
+# In-process decoding keeps these tests fast; worker processes are exercised where they matter.
+_spec = functools.partial(make_spec, num_workers=0)
+_run = functools.partial(run_loader, TorchvisionLoader)
 
 
 def test_train_scales_of_a_sample_share_one_crop_and_flip(jpeg_folder):
