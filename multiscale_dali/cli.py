@@ -218,6 +218,7 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
     if plot_at_end and result.rank == 0:
         for path in _write_plots(config.out):
             echo(f"wrote {path}")
+    echo(f"next: msdali evaluate --checkpoint {config.out}/best.pt --recalibrate-bn   |   msdali plot {config.out}")
 
 
 @main.command()
