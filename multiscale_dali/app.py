@@ -319,6 +319,7 @@ class _TrainingRun:
         self.on_step = on_step
         self.found = self._find_checkpoint(resume)
         self._saved_at: tuple[int, int, int] | None = None
+        self.loaders: RunLoaders | None = None
 
     # ------------------------------------------------------------------ set-up
     def _find_checkpoint(self, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
@@ -346,11 +347,16 @@ class _TrainingRun:
         root = dataset_root(config)
         discovered = discover_dataset(root, fractions=config.split_fractions, seed=config.seed)
         # Rank 0 scans first and fills the manifest; the other ranks then read its verdicts instead of
-        # all decoding the whole dataset at once.
+        # all decoding the whole dataset at once (and raise the same error if rank 0 found bad files).
+        # A first scan of a very large dataset can outlast the collective timeout: `msdali scan` once
+        # before a multi-process launch fills the manifest.
         if context.is_main:
-            splits = vet_splits(discovered, config)
-        context.barrier()
-        if not context.is_main:
+            try:
+                splits = vet_splits(discovered, config)
+            finally:
+                context.barrier()
+        else:
+            context.barrier()
             splits = vet_splits(discovered, config)
         _check_ranks_agree(context, "the dataset splits (a hash of every file and label)", _splits_fingerprint(splits))
         self.splits = splits
@@ -427,12 +433,33 @@ class _TrainingRun:
             trainer.lr_scheduler = _lr_scheduler(self.config, self.optimizer, len(self.loaders.train),
                                                  start_step=start)
             trainer.global_step = start
-        source_best = best_path(run_dir_of(path))
-        if trainer.best_epoch is not None and source_best.exists():
-            trainer.best_state = load_checkpoint(source_best)["model"]
+        self._restore_best(run_dir_of(path))
         if context.is_main:
             keep_metrics_before(self.out_dir / METRICS_FILE, trainer.epoch)
         self._saved_at = self._position()
+
+    def _restore_best(self, source_dir: Path) -> None:
+        """The best weights so far, from the run the checkpoint belongs to.
+
+        They must be the epoch the checkpoint records as best: resuming an older checkpoint (the
+        previous one, after a damaged last) can find a best.pt written later. Then the record is
+        dropped and the next validated epoch starts the search again, rather than pairing one
+        epoch's score with another epoch's weights.
+        """
+        trainer = self.trainer
+        source = best_path(source_dir)
+        if trainer.best_epoch is None or not source.exists():
+            return
+        best = load_checkpoint(source)
+        if best.get("epoch") != trainer.best_epoch:
+            log.warning("%s holds epoch %s but the checkpoint's best is epoch %s: the best model is chosen "
+                        "again from the epochs trained from here", source, best.get("epoch"), trainer.best_epoch)
+            trainer.best_state, trainer.best_score, trainer.best_epoch = None, None, None
+            return
+        trainer.best_state = best["model"]
+        if self.context.is_main and source_dir.resolve() != self.out_dir.resolve():
+            # A run continued in a new directory carries its best model along.
+            atomic_save(best, best_path(self.out_dir))
 
     # ------------------------------------------------------------------ files (rank 0)
     def _common(self) -> dict[str, Any]:
@@ -492,8 +519,8 @@ class _TrainingRun:
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
         self._prepare_data()
-        self._build()
         try:
+            self._build()
             if self.found is not None:
                 self._restore(*self.found)
             self._write_config()
@@ -507,7 +534,8 @@ class _TrainingRun:
                     return self._interrupted(fit, stop.signal_name)
             test = self._test()
         finally:
-            self.loaders.close()
+            if self.loaders is not None:  # None when building them failed
+                self.loaders.close()
         return self._result(fit, test=test)
 
     def _interrupted(self, fit: FitResult, own_signal: str | None) -> RunResult:

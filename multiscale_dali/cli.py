@@ -96,25 +96,36 @@ def _train_options(func):
 def build_train_config(
     config_path: str | None, flags: dict[str, Any], *, resumed: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """defaults < recipe < flags; when resuming, the checkpoint's configuration replaces the first two.
+    """defaults < recipe < flags. Resuming without a recipe starts from the checkpoint's configuration;
+    with one (a relaunch script that always passes the same --config), the recipe and flags must agree
+    with the checkpoint, which the run checks.
 
     Raises click.UsageError naming the flag (or recipe key).
     """
+    given: dict[str, Any] = {}
     try:
-        if resumed is not None:
+        if config_path:
+            base = recipe_config(config_path)
+        elif resumed is not None:
             base = config_from_mapping(resumed, source="the checkpoint")
         else:
-            base = recipe_config(config_path) if config_path else TrainConfig()
+            base = TrainConfig()
         given = {field: flags[field] for _, field, _, _ in TRAIN_FLAGS if flags.get(field) is not None}
         if "scales" in given:
             given["scales"] = _scales(given["scales"])
         if "split_fractions" in given:
             given["split_fractions"] = _fractions(given["split_fractions"])
-        if "out" not in given and resumed is None and (config_path is None or base.out == TrainConfig().out):
-            given["out"] = f"runs/{datetime.now():%Y%m%d-%H%M%S}"
+        if "out" not in given:
+            if resumed is not None:
+                given["out"] = resumed["out"]
+            elif config_path is None or base.out == TrainConfig().out:
+                given["out"] = f"runs/{datetime.now():%Y%m%d-%H%M%S}"
         return config_from_mapping(given, base=base, source="command line")
     except ConfigError as err:
-        raise click.UsageError(f"{err.flag}: {err.message}") from None
+        origin = ""
+        if err.key not in given and config_path:
+            origin = f" (the value comes from {config_path}; override it on the command line)"
+        raise click.UsageError(f"{err.flag}: {err.message}{origin}") from None
 
 
 def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | None:
@@ -198,8 +209,6 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
     """
     from multiscale_dali.app import run_training
 
-    if config_path and resume:
-        raise click.UsageError("--config: a resumed run keeps its checkpoint's configuration; drop --config")
     resumed = _resumed_config(resume, flags.get("out"))
     config = build_train_config(config_path, flags, resumed=resumed)
     # Under torchrun every rank runs this command; only rank 0 talks (and writes, see app.py).
@@ -276,6 +285,13 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
     click.echo(", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" ({result.cached_count} from cache)")
     if result.bad:
         sys.exit(1)
+
+
+def _worker_counts(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError("workers", f"{value!r} is not a comma-separated list of worker counts, e.g. 0,2,4") from None
 
 
 def _default_data_root() -> Path:
@@ -481,7 +497,7 @@ def benchmark(data: Path | None, synthetic: int | None, scales: str, batch_size:
                 data=data, scales=_scales(scales), batch_size=batch_size,
                 backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
                 model=None if model.lower() == "none" else model, iters=iters, device=device,
-                workers=_scales(workers) if workers else None, warmup=warmup, repeats=repeats,
+                workers=_worker_counts(workers) if workers else None, warmup=warmup, repeats=repeats,
                 synthetic=synthetic,
             )
     except ConfigError as err:

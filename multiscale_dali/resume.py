@@ -57,7 +57,13 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, 
     """
     if resume != "auto":
         path = Path(resume)
-        return path, load_checkpoint(path)
+        payload = load_checkpoint(path)
+        if "trainer" not in payload:
+            raise CheckpointError(
+                f"{path} holds a model only (best.pt), not a training state; resume from "
+                f"{last_path(run_dir_of(path))}"
+            )
+        return path, payload
     candidates = [last_path(run_dir), last_path(run_dir).parent / PREVIOUS]
     existing = [p for p in candidates if p.exists()]
     if not existing:

@@ -150,6 +150,7 @@ def test_resume_from_another_runs_checkpoint_never_writes_into_a_used_directory(
     forked = _train("--resume", str(a / "checkpoints" / "previous.pt"), "--out", str(tmp_path / "c"))
     assert forked.exit_code == 0, forked.output
     assert [json.loads(x)["epoch"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (tmp_path / "c" / "best.pt").exists(), "the continued run carries its best model along"
     own = _train("--resume", str(a / "checkpoints" / "last.pt"), "--epochs", "3")
     assert own.exit_code == 0, own.output
     assert [json.loads(x)["epoch"] for x in (a / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
@@ -260,3 +261,29 @@ def test_resume_across_amp_on_and_off(tmp_path, image_root, first, then):
     resumed = _train("--resume", "auto", "--out", str(out), "--epochs", "2", "--amp", then)
     assert resumed.exit_code == 0, resumed.output
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_relaunch_script_with_config_and_resume_auto_starts_then_continues(tmp_path, image_root):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('description = "x"\n[train]\nscales = [32, 48]\nbatch_size = 8\nworkers = 1\n'
+                      'lr_schedule = "constant"\nepochs = 1\n')
+    out = tmp_path / "run"
+    launch = ["--config", str(recipe), "--data", str(image_root), "--out", str(out), "--resume", "auto"]
+    assert _train(*launch).exit_code == 0, "first launch: nothing to resume, a fresh run"
+    again = _train(*launch, "--epochs", "2")
+    assert again.exit_code == 0, again.output
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_resuming_from_a_model_file_points_at_the_training_checkpoint(tmp_path, image_root):
+    out = tmp_path / "run"
+    assert _train("--data", str(image_root), "--out", str(out), "--epochs", "1", *SMALL).exit_code == 0
+    result = CliRunner().invoke(main, ["train", "--resume", str(out / "best.pt")])
+    assert result.exit_code == 2 and "last.pt" in result.output and "Traceback" not in result.output
+
+
+def test_a_conflict_coming_from_the_recipe_says_so(tmp_path):
+    recipe = Path(__file__).resolve().parent.parent / "pipelines" / "progressive_smoke.toml"
+    result = CliRunner().invoke(main, ["train", "--config", str(recipe), "--mode",
+                                       "multiscale", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--schedule" in result.output and "progressive_smoke.toml" in result.output
