@@ -103,21 +103,6 @@ def test_shards_cover_every_sample_in_the_same_number_of_steps(tmp_path, num_fil
         assert set(seen) == set(ids)
 
 
-def test_train_shuffle_differs_across_epochs_and_repeats_for_a_fixed_seed(tmp_path):
-    files, _ = make_jpeg_folder(tmp_path, classes=1, per_class=12)
-    ids = list(range(len(files)))
-
-    def orders(seed):
-        spec = _spec(files, ids, train=True, seed=seed, schedule=constant_schedule([16]))
-        return [_order(batches) for batches in _run(spec, range(2))]
-
-    first = orders(seed=7)
-    assert first == orders(seed=7)
-    assert first[0] != first[1]
-    assert first != orders(seed=8)
-    assert all(sorted(order) == ids for order in first)
-
-
 def test_train_pixels_repeat_for_a_fixed_seed(jpeg_folder):
     files, labels = jpeg_folder
     spec = _spec(files, labels, train=True, num_workers=2)

@@ -5,8 +5,9 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import make_spec, run_loader
+from conftest import make_jpeg_folder, make_spec, run_loader
 from multiscale_dali.loaders import build_loader
+from multiscale_dali.schedule import constant_schedule
 
 BACKENDS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
     importlib.util.find_spec("nvidia") is None, reason="DALI not installed"))]
@@ -27,3 +28,20 @@ def test_eval_batches_have_every_scale_as_normalised_float_and_file_order_labels
             assert tuple(images.shape) == (batch.batch_size, 3, scale, scale)
             assert images.is_contiguous(memory_format=torch.channels_last)
     assert torch.cat([b.labels for b in batches]).tolist() == labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_shuffle_differs_across_epochs_and_repeats_for_a_fixed_seed(tmp_path, backend):
+    files, _ = make_jpeg_folder(tmp_path, classes=1, per_class=12)
+    ids = list(range(len(files)))  # label = file index, to read the order back
+
+    def orders(seed):
+        spec = make_spec(files, ids, train=True, seed=seed, schedule=constant_schedule([16]), num_workers=0)
+        epochs = run_loader(lambda s: build_loader(s, backend=backend), spec, range(2))
+        return [torch.cat([b.labels for b in batches]).tolist() for batches in epochs]
+
+    first = orders(seed=7)
+    assert first == orders(seed=7)
+    assert first[0] != first[1]
+    assert first != orders(seed=8)
+    assert all(sorted(order) == ids for order in first)

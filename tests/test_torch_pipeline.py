@@ -56,21 +56,6 @@ def test_train_pixels_do_not_depend_on_worker_count(jpeg_folder):
             assert all(torch.equal(x.images[s], y.images[s]) for s in x.scales)
 
 
-def test_train_shuffle_differs_across_epochs_and_repeats_for_a_fixed_seed(tmp_path):
-    files, _ = make_jpeg_folder(tmp_path, classes=1, per_class=12)
-    ids = list(range(len(files)))  # label = file index, to read the order back
-
-    def orders(seed):
-        spec = _spec(files, ids, train=True, seed=seed, schedule=constant_schedule([16]))
-        return [torch.cat([b.labels for b in batches]).tolist() for batches in _run(spec, range(2))]
-
-    first = orders(seed=7)
-    assert first == orders(seed=7)
-    assert first[0] != first[1]
-    assert first != orders(seed=8)
-    assert all(sorted(order) == ids for order in first)
-
-
 def test_resumed_run_sees_the_same_epoch_as_an_uninterrupted_one(jpeg_folder):
     files, labels = jpeg_folder
     spec = _spec(files, labels, train=True, schedule=PROGRESSIVE)
