@@ -23,7 +23,7 @@ import torch
 
 from multiscale_dali.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from multiscale_dali.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
-from multiscale_dali.constants import SPLIT_NAMES
+from multiscale_dali.constants import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, SPLIT_NAMES
 from multiscale_dali.data import DataError, DatasetSplits, SplitFiles, discover_dataset
 from multiscale_dali.distributed import (
     DistributedContext,
@@ -44,9 +44,6 @@ from multiscale_dali.resume import (
     save_last,
 )
 from multiscale_dali.run_directory import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    RESULTS_FILE,
     append_json_line,
     check_fresh,
     keep_metrics_before,

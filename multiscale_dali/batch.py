@@ -8,6 +8,7 @@ quarter of the bytes of float32 to copy, and ``permute(0, 3, 1, 2)`` of an NHWC 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -38,6 +39,16 @@ class MultiScaleBatch:
         return tuple(sorted(self.images))
 
 
+@functools.lru_cache(maxsize=8)
+def _channel_stats(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per device: a fresh torch.tensor(..., device="cuda") per call is a blocking copy
+    # from pageable host memory, every scale of every step.
+    return (torch.tensor(mean, device=device, dtype=torch.float32),
+            1.0 / torch.tensor(std, device=device, dtype=torch.float32))
+
+
 def normalize_nhwc_uint8(
     images: torch.Tensor,
     *,
@@ -50,8 +61,7 @@ def normalize_nhwc_uint8(
         raise ValueError(
             f"expected a uint8 tensor shaped [B, H, W, 3], got {images.dtype} {tuple(images.shape)}"
         )
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32)
-    inv_std = 1.0 / torch.tensor(std, device=images.device, dtype=torch.float32)
+    mean_t, inv_std = _channel_stats(images.device, mean, std)
     out = (images.float() - mean_t).mul_(inv_std).permute(0, 3, 1, 2)
     # The permuted view is channels_last already; contiguous() would copy it back to NCHW.
     return out if channels_last else out.contiguous()

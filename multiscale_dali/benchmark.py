@@ -55,7 +55,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from multiscale_dali.batch import MultiScaleBatch
-from multiscale_dali.constants import IMAGENET_MEAN, IMAGENET_STD
+from multiscale_dali.checkpoint import atomic_write_text
+from multiscale_dali.constants import DEFAULT_HW_DECODER_LOAD, IMAGENET_MEAN, IMAGENET_STD
 from multiscale_dali.loader_spec import Loader, LoaderSpec
 from multiscale_dali.schedule import constant_schedule
 
@@ -68,8 +69,6 @@ BASELINE = "baseline"
 BENCHMARK_BACKENDS: tuple[str, ...] = (DALI, TORCHVISION, BASELINE, DALI_1SCALE)
 # Backends that produce every requested scale, so the same multi-scale training step can run on them.
 MULTI_SCALE_BACKENDS: tuple[str, ...] = (DALI, TORCHVISION, BASELINE)
-DEFAULT_BACKENDS: tuple[str, ...] = (DALI, TORCHVISION, BASELINE)
-DEFAULT_MODEL = "tiny_cnn"
 RESULTS_SCHEMA = 1
 
 # DataLoader worker counts swept on a CPU-only machine: the main process alone, then one worker per
@@ -78,7 +77,6 @@ CPU_WORKER_SWEEP_MAX = 2
 # hw_decoder_load values swept on a GPU: all on the CUDA/CPU hybrid path (0) to all on the hardware
 # JPEG engines (1), with DALI's usual defaults in between.
 HW_DECODER_LOADS: tuple[float, ...] = (0.0, 0.5, 0.65, 0.8, 1.0)
-DEFAULT_HW_DECODER_LOAD = 0.65
 # The training step of the benchmark: a consistency term is part of every multi-scale run.
 BENCH_CONSISTENCY_WEIGHT = 1.0
 BENCH_LR = 1e-3
@@ -1084,7 +1082,7 @@ def run_benchmark(
 
 def save_results(results: dict[str, Any], path: Path) -> None:
     """Write the results as indented JSON."""
-    Path(path).write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
 
 
 # ================================================================================================

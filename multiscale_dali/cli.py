@@ -12,8 +12,19 @@ from typing import Any, Iterator
 
 import click
 
-from multiscale_dali.config import ConfigError, TrainConfig, config_from_mapping, load_recipe, recipe_config
-from multiscale_dali.constants import BACKENDS, CONSISTENCY_TYPES, EXIT_INTERRUPTED, MODES, TASKS
+from multiscale_dali.config import (
+    AMP_CHOICES,
+    BAD_FILE_POLICIES,
+    DEFAULT_DATASETS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    ConfigError,
+    TrainConfig,
+    config_from_mapping,
+    load_recipe,
+    recipe_config,
+)
+from multiscale_dali.constants import BACKENDS, CONSISTENCY_TYPES, EXIT_INTERRUPTED, MODES, TASKS, TEACHERS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -36,7 +47,7 @@ def _fractions(value: str) -> tuple[float, ...]:
 # value survives unless the flag is on the command line.
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--data", "data", click.Path(file_okay=False), "ImageFolder root (class subfolders, optional train/val/test). Default: the embedded texture photos."),
-    ("--default-dataset", "default_dataset", click.Choice(["textures", "textures-binary"]), "Which embedded dataset to use without --data."),
+    ("--default-dataset", "default_dataset", click.Choice(DEFAULT_DATASETS), "Which embedded dataset to use without --data."),
     ("--out", "out", click.Path(file_okay=False), "Run directory (metrics.jsonl, config.json, results.json, best.pt). Default: runs/<timestamp>."),
     ("--backend", "backend", click.Choice(BACKENDS), "Data pipeline: auto picks DALI when it imports."),
     ("--mode", "mode", click.Choice(MODES), "multiscale: all scales every step; progressive: one growing scale."),
@@ -50,14 +61,14 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--task", "task", click.Choice(TASKS), "binary (one logit, BCE) or multiclass (CE); auto: binary for 2 classes."),
     ("--consistency-weight", "consistency_weight", float, "multiscale only: weight of the scale-consistency loss (0 = off)."),
     ("--consistency-type", "consistency_type", click.Choice(CONSISTENCY_TYPES), "Divergence between scales."),
-    ("--teacher", "teacher", click.Choice(["largest", "mean"]), "Consistency target: largest scale or ensemble mean."),
-    ("--optimizer", "optimizer", click.Choice(["adamw", "sgd"]), "Optimizer."),
+    ("--teacher", "teacher", click.Choice(TEACHERS), "Consistency target: largest scale or ensemble mean."),
+    ("--optimizer", "optimizer", click.Choice(OPTIMIZERS), "Optimizer."),
     ("--lr", "lr", float, "Peak learning rate."),
     ("--weight-decay", "weight_decay", float, "Weight decay (decoupled for AdamW)."),
     ("--momentum", "momentum", float, "SGD momentum (Nesterov)."),
-    ("--lr-schedule", "lr_schedule", click.Choice(["cosine", "constant"]), "Learning-rate schedule (per step)."),
+    ("--lr-schedule", "lr_schedule", click.Choice(LR_SCHEDULES), "Learning-rate schedule (per step)."),
     ("--warmup-epochs", "warmup_epochs", float, "Linear warm-up length in epochs."),
-    ("--amp", "amp", click.Choice(["auto", "off", "bf16", "fp16"]), "Mixed precision; auto = bf16/fp16 on CUDA, off on CPU."),
+    ("--amp", "amp", click.Choice(AMP_CHOICES), "Mixed precision; auto = bf16/fp16 on CUDA, off on CPU."),
     ("--channels-last/--no-channels-last", "channels_last", None, "channels_last memory format."),
     ("--memory-efficient/--no-memory-efficient", "memory_efficient", None, "Backward one scale at a time (lower peak memory)."),
     ("--grad-clip", "grad_clip", float, "Clip gradient norm to this value (0 = off)."),
@@ -66,7 +77,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--seed", "seed", int, "Random seed (data order, crops, initialisation)."),
     ("--split-fractions", "split_fractions", str, "train,val,test fractions when --data has no train/val/test folders."),
     ("--checkpoint-every", "checkpoint_every", int, "Also checkpoint every N steps (0 = at epoch ends only)."),
-    ("--on-bad-file", "on_bad_file", click.Choice(["error", "skip"]), "Unreadable images found by the pre-flight scan: stop, or train without them."),
+    ("--on-bad-file", "on_bad_file", click.Choice(BAD_FILE_POLICIES), "Unreadable images found by the pre-flight scan: stop, or train without them."),
     ("--max-image-pixels", "max_image_pixels", int, "Reject images whose header claims more pixels (decompression bombs)."),
 ]
 
@@ -280,7 +291,9 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
     for folder in result.empty_dirs:
         click.echo(f"empty     {folder}")
     if manifest:
-        Path(manifest).write_text(result.to_json())
+        from multiscale_dali.checkpoint import atomic_write_text
+
+        atomic_write_text(manifest, result.to_json())
     counts = result.counts()
     click.echo(", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" ({result.cached_count} from cache)")
     if result.bad:
@@ -415,9 +428,10 @@ def evaluate(checkpoint: str, data: str | None, split: str, scales_text: str | N
                f"backend {report.backend} on {report.device}")
     for line in format_report(report):
         click.echo(line)
+    from multiscale_dali.checkpoint import atomic_write_text
+
     out = Path(json_path) if json_path else default_eval_path(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report.to_json(), indent=2) + "\n")
     click.echo(f"wrote {out}")
 
 

@@ -11,21 +11,24 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from multiscale_dali.constants import (
     BACKENDS,
     CONSISTENCY_TYPES,
+    DEFAULT_MAX_PIXELS,
     DEFAULT_SCALES,
     DEFAULT_SPLIT_FRACTIONS,
     MODES,
     TASKS,
+    TEACHERS,
 )
+from multiscale_dali.data import validate_fractions
+from multiscale_dali.schedule import constant_schedule
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
-TEACHERS = ("largest", "mean")
 DEFAULT_DATASETS = ("textures", "textures-binary")
 BAD_FILE_POLICIES = ("error", "skip")
 # What may differ between a checkpoint's configuration and the resuming run's.
@@ -44,6 +47,14 @@ class ConfigError(ValueError):
     @property
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
+
+
+def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    """Positive, strictly increasing scales (the schedule's own rule), as a ``ConfigError`` on ``scales``."""
+    try:
+        return constant_schedule(scales).all_scales
+    except ValueError as err:
+        raise ConfigError("scales", str(err)) from None
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -86,7 +97,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = only at epoch ends
     on_bad_file: str = "error"  # what the pre-flight scan does with unreadable files: error or skip
-    max_image_pixels: int = 89_478_485  # decompression-bomb cap checked from headers (Pillow's default)
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap, checked from headers
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
 
     def __post_init__(self) -> None:
@@ -100,13 +111,7 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_CHOICES)
         _choice("default_dataset", self.default_dataset, DEFAULT_DATASETS)
         _choice("on_bad_file", self.on_bad_file, BAD_FILE_POLICIES)
-        scales = list(self.scales)
-        if not scales:
-            raise ConfigError("scales", "give at least one scale, e.g. 64,96,128")
-        if any(s <= 0 for s in scales):
-            raise ConfigError("scales", f"scales must be positive, got {scales}")
-        if scales != sorted(set(scales)):
-            raise ConfigError("scales", f"scales must be strictly increasing, got {scales}")
+        check_scales(self.scales)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "ramp_multiple": self.ramp_multiple,
                     "max_image_pixels": self.max_image_pixels}
         for key, value in positive.items():
@@ -135,11 +140,10 @@ class TrainConfig:
             raise ConfigError("memory_efficient", "needs --teacher largest (the ensemble mean needs all scales at once)")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        fractions = self.split_fractions
-        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise ConfigError(
-                "split_fractions", f"need three non-negative fractions summing to 1, got {list(fractions)}"
-            )
+        try:
+            validate_fractions(self.split_fractions)
+        except ValueError as err:
+            raise ConfigError("split_fractions", str(err)) from None
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
 

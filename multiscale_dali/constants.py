@@ -29,6 +29,20 @@ CONSISTENCY_TYPES: tuple[str, ...] = ("kl_divergence", "js", "mse")
 # later); the rest runs on the CUDA/CPU hybrid path. The benchmark sweeps it.
 DEFAULT_HW_DECODER_LOAD: float = 0.65
 
+# Decompression-bomb cap, checked from image headers before any decode: Pillow's own default.
+DEFAULT_MAX_PIXELS: int = 89_478_485
+
+# Consistency targets: the largest scale's prediction, or the mean of every scale's probabilities.
+TEACHERS: tuple[str, ...] = ("largest", "mean")
+
+# Files of a run directory (here, not in run_directory.py, so torch-free readers such as plot.py
+# can import them).
+METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+EVAL_FILE = "eval.json"
+
 # Exit code of `msdali train` when it stopped on SIGTERM/SIGINT after saving a checkpoint:
 # EX_TEMPFAIL from sysexits.h, "try again later", which is what `--resume auto` then does.
 EXIT_INTERRUPTED = 75

@@ -36,18 +36,17 @@ from torch import nn
 
 from multiscale_dali.batch import MultiScaleBatch, normalize_nhwc_uint8
 from multiscale_dali.checkpoint import CheckpointError, load_checkpoint
-from multiscale_dali.config import ConfigError, TrainConfig, config_from_mapping
-from multiscale_dali.constants import EVAL_CROP_FRACTION
+from multiscale_dali.config import ConfigError, TrainConfig, check_scales, config_from_mapping
+from multiscale_dali.constants import EVAL_CROP_FRACTION, EVAL_FILE
 from multiscale_dali.data import DataError, DatasetSplits, SplitFiles, discover_dataset
 from multiscale_dali.loader_spec import LoaderSpec
 from multiscale_dali.losses import BINARY, base_loss, ensemble_logits, num_outputs, predict, probabilities
 from multiscale_dali.models import build_model
-from multiscale_dali.resume import CHECKPOINT_DIR
+from multiscale_dali.resume import run_dir_of
 from multiscale_dali.schedule import ScaleSchedule, constant_schedule
 
 log = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"
 EVAL_SPLITS: tuple[str, ...] = ("test", "val")
 AS_TRAINED = "as_trained"
 BN_RECALIBRATED = "bn_recalibrated"
@@ -82,12 +81,6 @@ class LoadedModel:
     @property
     def run_dir(self) -> Path:
         return run_dir_of(self.path)
-
-
-def run_dir_of(checkpoint: str | Path) -> Path:
-    """The run directory a checkpoint belongs to (``last.pt`` sits one level down, in ``checkpoints``)."""
-    parent = Path(checkpoint).parent
-    return parent.parent if parent.name == CHECKPOINT_DIR else parent
 
 
 def _schedule_from_dict(data: Mapping[str, Any]) -> ScaleSchedule:
@@ -397,13 +390,6 @@ def _collect_logits(models: Mapping[str, Mapping[int, nn.Module]], split: SplitF
     return outputs, labels
 
 
-def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
-    try:
-        return constant_schedule(scales).all_scales
-    except ValueError as err:
-        raise ConfigError("scales", str(err)) from None
-
-
 def evaluate_checkpoint(checkpoint: str | Path, *, options: EvalOptions) -> EvalReport:
     """Evaluate ``checkpoint`` on ``options.split`` at each of ``options.scales`` plus their ensemble."""
     from multiscale_dali.distributed import resolve_device
@@ -412,7 +398,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, options: EvalOptions) -> Eval
     device = resolve_device(options.device)
     backend = resolve_backend(options.backend)
     loaded = load_model(checkpoint, device=device)
-    scales = _check_scales(options.scales or loaded.schedule.all_scales)
+    scales = check_scales(options.scales or loaded.schedule.all_scales)
     root = resolve_data_root(loaded, options.data)
     splits = load_splits(loaded, root)
     split = splits.split(options.split)
@@ -506,7 +492,7 @@ def predict_images(loaded: LoadedModel, paths: Sequence[str | Path], *, scales: 
 
     Every image is read before the model runs, so a bad path fails fast with :class:`ImageError`.
     """
-    scales = _check_scales(scales)
+    scales = check_scales(scales)
     inputs = [preprocess_image(p, scales=scales, channels_last=loaded.config.channels_last) for p in paths]
     predictions: list[Prediction] = []
     for start in range(0, len(inputs), batch_size):

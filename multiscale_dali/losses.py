@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from multiscale_dali.constants import CONSISTENCY_TYPES, TASKS
+from multiscale_dali.constants import CONSISTENCY_TYPES, TASKS, TEACHERS
 
 BINARY = "binary"
 MULTICLASS = "multiclass"
@@ -35,7 +35,6 @@ BINARY_NUM_OUTPUTS = 1
 
 TEACHER_LARGEST = "largest"
 TEACHER_MEAN = "mean"
-TEACHERS: tuple[str, ...] = (TEACHER_LARGEST, TEACHER_MEAN)
 
 # Floor on the Jensen-Shannon mixture before its log: where both distributions put ~0 mass the
 # mixture underflows to 0 and log(0) would poison the sum with -inf * 0 = NaN.

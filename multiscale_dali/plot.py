@@ -24,14 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from multiscale_dali.constants import CONFIG_FILE, EVAL_FILE, METRICS_FILE
 from multiscale_dali.extras import MissingExtraError
 
 log = logging.getLogger(__name__)
 
 PLOTS_DIR = "plots"
-METRICS_FILE = "metrics.jsonl"  # app.METRICS_FILE; not imported, so plotting never imports torch
-CONFIG_FILE = "config.json"
-EVAL_FILE = "eval.json"
 DPI = 100
 PANEL_SIZE = (5.2, 3.6)  # inches per panel
 COLORMAP = "viridis"

@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from multiscale_dali.checkpoint import atomic_write_text
+from multiscale_dali.constants import METRICS_FILE, SUPERSEDED_METRICS_FILE
 from multiscale_dali.resume import BEST, CHECKPOINT_DIR
-
-METRICS_FILE = "metrics.jsonl"
-SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.json"
 
 
 class RunDirectoryError(ValueError):

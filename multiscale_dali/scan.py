@@ -52,7 +52,8 @@ import PIL
 from PIL import Image, ImageFile, TiffImagePlugin, features
 
 from multiscale_dali.checkpoint import atomic_write_text
-from multiscale_dali.constants import IMAGE_EXTENSIONS
+from multiscale_dali.constants import DEFAULT_MAX_PIXELS
+from multiscale_dali.data import is_image_file
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -85,7 +86,6 @@ logger = logging.getLogger(__name__)
 
 # Pillow's own default for ``Image.MAX_IMAGE_PIXELS`` (1024 * 1024 * 1024 // 4 // 3), i.e. about
 # 0.25 GiB of 24-bit pixels: large enough for any real photograph, small enough to stop a bomb.
-DEFAULT_MAX_PIXELS: int = 89_478_485
 # Longest side DALI's CPU decoders accept whatever the pixel count: libpng's default user limit
 # is 1,000,000 and OpenCV's (DALI's WebP/TIFF fallback) 2**20. Only a corrupt or crafted header
 # claims more (seen: a WebP of 2,031,664 x 40 that Pillow decodes and DALI refuses).
@@ -120,7 +120,6 @@ REASON_BOMB = "decompression bomb"
 REASON_CORRUPT = "truncated or corrupt"
 REASON_NOT_IMAGE_EXTENSION = "not an image extension"
 
-_IMAGE_EXTENSIONS_LOWER: frozenset[str] = frozenset(ext.lower() for ext in IMAGE_EXTENSIONS)
 # The format an extension promises; content that differs gets a note ("PNG content named .jpg"):
 # harmless, since both backends sniff content, but a sign of a sloppy export.
 _EXTENSION_FORMATS: dict[str, str] = {
@@ -494,7 +493,7 @@ def scan_tree(
             path = os.path.abspath(os.path.join(dirpath, name))
             if not os.path.isfile(path):  # sockets, FIFOs, dangling symlinks
                 continue
-            if _has_image_extension(name):
+            if is_image_file(name):
                 image_files.append(path)
                 has_image = True
             else:
@@ -813,10 +812,6 @@ def _ignored_report(abs_path: str) -> FileReport:
         note = f"{fmt} content, but dataset discovery skips this extension"
     return FileReport(path=abs_path, kind=KIND_IGNORED,
                       reason=f"{REASON_NOT_IMAGE_EXTENSION}: {extension}", note=note, format=fmt)
-
-
-def _has_image_extension(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in _IMAGE_EXTENSIONS_LOWER
 
 
 def _walk(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:

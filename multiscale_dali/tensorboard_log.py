@@ -15,14 +15,6 @@ from multiscale_dali.trainer import EpochRecord
 
 TENSORBOARD_DIR = "tensorboard"
 
-def tensorboard_available() -> bool:
-    try:
-        summary_writer_class()
-    except MissingExtraError:
-        return False
-    return True
-
-
 def summary_writer_class() -> Any:
     try:
         # torch.utils.tensorboard itself imports the tensorboard package and raises ImportError

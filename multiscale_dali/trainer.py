@@ -159,6 +159,8 @@ class MultiScaleTrainer:
         self.best_score: tuple[float, float] | None = None
         self.best_epoch: int | None = None
         self._nonfinite_in_a_row = 0
+        # BatchNorm running statistics and counters, snapshotted before each step (see _step).
+        self._buffers = list(model.buffers())
         # Position inside the current epoch: a checkpoint taken mid-epoch resumes exactly here.
         self.step_in_epoch = 0
         self._meter: ScaleMeter | None = None
@@ -199,29 +201,30 @@ class MultiScaleTrainer:
         backward_always = self.distributed.is_distributed
         # The train-mode forward updates BatchNorm running statistics before the loss is known to be
         # finite; a skipped step must not leave inf/NaN in them (they would poison every later eval).
-        buffers = list(self.net.buffers())
-        saved_buffers = [b.detach().clone() for b in buffers]
+        saved_buffers = [b.detach().clone() for b in self._buffers]
         if self.options.memory_efficient and len(batch.images) > 1:
             total, components, logits = self._backward_one_scale_at_a_time(batch, backward_always=backward_always)
         else:
             with self._autocast():
                 logits = self.model(batch.images)
                 total, components = self.loss(logits, batch.labels)
-            if backward_always or torch.isfinite(total):
+            # components holds the total already read back to the host: no second device sync.
+            if backward_always or math.isfinite(components["total"]):
                 self.scaler.scale(total).backward()
         self._last_loss = total.detach()
-        finite = bool(torch.isfinite(total))
+        local_finite = math.isfinite(components["total"])
+        finite = local_finite
         if self.distributed.is_distributed:
-            finite = not self.distributed.any_rank(not finite)
+            finite = not self.distributed.any_rank(not local_finite)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for buffer, saved in zip(buffers, saved_buffers):
+                for buffer, saved in zip(self._buffers, saved_buffers):
                     buffer.copy_(saved)
             self._nonfinite_in_a_row += 1
             meter.skipped += 1
             log.warning("non-finite loss at step %d%s: step skipped", self.global_step,
-                        "" if not torch.isfinite(total) else " on another rank")
+                        "" if not local_finite else " on another rank")
             if self._nonfinite_in_a_row >= self.options.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss "
