@@ -83,10 +83,6 @@ class LoadedModel:
         return run_dir_of(self.path)
 
 
-def _schedule_from_dict(data: Mapping[str, Any]) -> ScaleSchedule:
-    return ScaleSchedule(stages=tuple((int(start), tuple(int(s) for s in scales)) for start, scales in data["stages"]))
-
-
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the model of ``best.pt`` or of a training checkpoint (``last.pt``).
 
@@ -116,7 +112,7 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Loade
         epoch = int(payload["trainer"]["epoch"]) - 1  # the trainer stores the next epoch to run
     return LoadedModel(
         model=model, path=path, config=config, task=task, classes=classes,
-        schedule=_schedule_from_dict(payload["schedule"]), resolved=dict(payload.get("resolved", {})),
+        schedule=ScaleSchedule.from_dict(payload["schedule"]), resolved=dict(payload.get("resolved", {})),
         epoch=epoch, device=device,
     )
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -197,35 +197,47 @@ def default_dataset(*, binary: bool = False, cache_dir: Path | None = None) -> P
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / f"textures-{_variant(binary)}-v{DATASET_VERSION}-seed{DEFAULT_SEED}"
-    expected = _marker_params(binary=binary, per_class=DEFAULT_PER_CLASS, seed=DEFAULT_SEED)
-    if _is_complete(final, expected):
-        logger.debug("using cached texture dataset %s", final)
-        return final
 
-    logger.info("texture dataset not in the cache yet: building %s", final)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
-    try:
+    def build(tmp: Path) -> None:
+        logger.info("texture dataset not in the cache yet: building %s", final)
         started = time.perf_counter()
         materialize_textures(tmp, binary=binary, per_class=DEFAULT_PER_CLASS, seed=DEFAULT_SEED)
-        # The marker goes in last: its presence vouches for every file written before it.
-        (tmp / MARKER_NAME).write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
-        _move_into_place(tmp, final, expected)
-        logger.info("texture dataset ready at %s (%.1fs)", final, time.perf_counter() - started)
+        logger.info("texture dataset built in %.1fs", time.perf_counter() - started)
+
+    return build_cached(final, _marker_params(binary=binary, per_class=DEFAULT_PER_CLASS, seed=DEFAULT_SEED),
+                        build, marker=MARKER_NAME)
+
+
+def build_cached(final: Path, params: dict[str, Any], build: Callable[[Path], None], *, marker: str) -> Path:
+    """``final``, made by ``build(folder)`` on first use and re-used while its ``marker`` file holds ``params``.
+
+    Built in a temporary sibling and renamed into place only once complete (the marker goes in
+    last: its presence vouches for every file written before it), so an interrupted or concurrent
+    build is never mistaken for a finished one; when two processes race, the first rename wins.
+    """
+    if _is_complete(final, params, marker=marker):
+        logger.debug("using cached %s", final)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / marker).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        _move_into_place(tmp, final, params, marker=marker)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def _move_into_place(tmp: Path, final: Path, expected: dict[str, Any]) -> None:
+def _move_into_place(tmp: Path, final: Path, expected: dict[str, Any], *, marker: str) -> None:
     """Rename the complete ``tmp`` to ``final``, clearing an incomplete leftover at ``final``."""
     for _attempt in range(2):
         try:
             os.replace(tmp, final)  # atomic; fails if ``final`` is a non-empty directory
             return
         except OSError:
-            if _is_complete(final, expected):
+            if _is_complete(final, expected, marker=marker):
                 logger.info("another process finished %s first; using its copy", final)
                 return
             if not final.exists():
@@ -243,13 +255,13 @@ def _move_into_place(tmp: Path, final: Path, expected: dict[str, Any]) -> None:
     os.replace(tmp, final)
 
 
-def _is_complete(folder: Path, expected: dict[str, Any]) -> bool:
+def _is_complete(folder: Path, expected: dict[str, Any], *, marker: str) -> bool:
     try:
-        found = json.loads((folder / MARKER_NAME).read_text())
+        found = json.loads((folder / marker).read_text())
     except (OSError, ValueError):
         return False
     if found != expected:
-        logger.warning("marker %s has parameters %s, expected %s", folder / MARKER_NAME, found, expected)
+        logger.warning("marker %s has parameters %s, expected %s", folder / marker, found, expected)
         return False
     return True
 

@@ -77,6 +77,11 @@ class ScaleSchedule:
     def to_dict(self) -> dict:
         return {"stages": [[start, list(scales)] for start, scales in self.stages]}
 
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ScaleSchedule":
+        """The inverse of :meth:`to_dict` (schedules stored in checkpoints and config.json)."""
+        return cls(stages=tuple((int(start), tuple(int(s) for s in scales)) for start, scales in data["stages"]))
+
 
 def constant_schedule(scales: Iterable[int]) -> ScaleSchedule:
     """All scales every epoch: the multi-scale trainer's schedule."""

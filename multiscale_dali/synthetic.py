@@ -12,18 +12,14 @@ The folder is an ImageFolder without splits: ``dest/class_<k>/synthetic_<i>.jpg`
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from multiscale_dali.sample_data import default_cache_dir
+from multiscale_dali.sample_data import build_cached, default_cache_dir
 
 __all__ = [
     "DEFAULT_SYNTHETIC_SIZE",
@@ -141,26 +137,8 @@ def cached_synthetic_jpegs(
     params: dict[str, Any] = {"version": SYNTHETIC_VERSION, "count": count, "size": list(size),
                               "quality": quality, "classes": classes, "seed": seed}
     final = cache / f"synthetic-v{SYNTHETIC_VERSION}-n{count}-{size[0]}x{size[1]}-q{quality}-c{classes}-seed{seed}"
-    if _marker_matches(final, params):
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
-    try:
-        write_synthetic_jpegs(tmp, count=count, size=size, quality=quality, classes=classes, seed=seed)
-        (tmp / MARKER_NAME).write_text(json.dumps(params, sort_keys=True) + "\n")
-        if final.exists():
-            if _marker_matches(final, params):  # another process finished first
-                return final
-            shutil.rmtree(final)  # incomplete leftover of an interrupted build
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _marker_matches(folder: Path, params: dict[str, Any]) -> bool:
-    try:
-        return json.loads((folder / MARKER_NAME).read_text()) == params
-    except (OSError, ValueError):
-        return False
+    return build_cached(
+        final, params,
+        lambda tmp: write_synthetic_jpegs(tmp, count=count, size=size, quality=quality, classes=classes, seed=seed),
+        marker=MARKER_NAME,
+    )

@@ -45,6 +45,11 @@ def test_ramp_with_unsnappable_bounds_stays_within_them():
     assert all(70 <= s <= 130 for (s,) in schedule.describe(9))
 
 
+def test_schedule_round_trips_through_its_plain_dict():
+    schedule = stepwise_schedule({0: 64, 2: 96, 5: 128})
+    assert ScaleSchedule.from_dict(schedule.to_dict()) == schedule
+
+
 def test_schedule_is_picklable_for_loader_workers_and_dali_callbacks():
     schedule = stepwise_schedule({0: 64, 2: 128})
     assert pickle.loads(pickle.dumps(schedule)) == schedule
