@@ -382,6 +382,10 @@ class _TrainingRun:
 
     def _build(self) -> None:
         config = self.config
+        if self.device.type == "cuda":
+            # A run sees a small fixed set of input shapes (one per scale), so cuDNN's per-shape
+            # autotuning pays for itself after the first steps (as in timm and the DALI examples).
+            torch.backends.cudnn.benchmark = True
         model = build_model(config.model, num_outputs=num_outputs(self.task, self.splits.num_classes),
                             pretrained=config.pretrained)
         model = model.to(self.device,
