@@ -144,8 +144,13 @@ def vet_splits(splits: DatasetSplits, config: TrainConfig) -> DatasetSplits:
     """
     from multiscale_dali.scan import filter_good, scan_files
 
+    if not config.scan:
+        log.warning("--no-scan: the files are not checked; a bad image stops the run when a loader meets it")
+        return splits
     every_file = [f for name in SPLIT_NAMES for f in splits.split(name).files]
-    result = scan_files(every_file, max_pixels=config.max_image_pixels, cache_path=scan_cache_path(Path(splits.root)))
+    # One decode per file, and PIL releases the GIL while decoding: as many threads as loader workers.
+    result = scan_files(every_file, max_pixels=config.max_image_pixels, workers=max(1, config.workers),
+                        cache_path=scan_cache_path(Path(splits.root)))
     log.info("scanned %d files (%d from the cache): %d bad, %d converted", len(result.reports),
              result.cached_count, len(result.bad), len(result.converted))
     if result.ok:

@@ -79,6 +79,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint-every", "checkpoint_every", int, "Also checkpoint every N steps (0 = at epoch ends only)."),
     ("--on-bad-file", "on_bad_file", click.Choice(BAD_FILE_POLICIES), "Unreadable images found by the pre-flight scan: stop, or train without them."),
     ("--max-image-pixels", "max_image_pixels", int, "Reject images whose header claims more pixels (decompression bombs)."),
+    ("--scan/--no-scan", "scan", None, "Pre-flight check of every image (cached per file); --no-scan trusts the data."),
 ]
 
 

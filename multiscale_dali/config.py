@@ -33,7 +33,8 @@ DEFAULT_DATASETS = ("textures", "textures-binary")
 BAD_FILE_POLICIES = ("error", "skip")
 # What may differ between a checkpoint's configuration and the resuming run's.
 # AMP may change too (a GPU run resumed on a CPU box): the GradScaler state is handled both ways.
-RESUME_MUTABLE_KEYS = frozenset({"epochs", "out", "workers", "checkpoint_every", "device", "on_bad_file", "amp"})
+RESUME_MUTABLE_KEYS = frozenset({"epochs", "out", "workers", "checkpoint_every", "device", "on_bad_file", "amp",
+                                 "scan"})
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = only at epoch ends
     on_bad_file: str = "error"  # what the pre-flight scan does with unreadable files: error or skip
+    scan: bool = True  # False trusts the data: no pre-flight scan (DALI then stops at a bad file)
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap, checked from headers
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
 

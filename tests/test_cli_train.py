@@ -182,7 +182,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resume_matches_uninterrupted_run(tmp_
     assert all(torch.equal(full[k], cut[k]) for k in full)
 
 
-def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, image_root, caplog):
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, image_root):
     out = tmp_path / "run"
     assert _train("--data", str(image_root), "--out", str(out), "--epochs", "2", "--lr-schedule", "constant",
                   *SMALL).exit_code == 0
@@ -287,3 +287,10 @@ def test_a_conflict_coming_from_the_recipe_says_so(tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", str(recipe), "--mode",
                                        "multiscale", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--schedule" in result.output and "progressive_smoke.toml" in result.output
+
+
+def test_no_scan_trusts_the_data_and_says_so(tmp_path, image_root):
+    result = _train("--data", str(image_root), "--out", str(tmp_path / "r"), "--epochs", "1", "--no-scan", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "--no-scan: the files are not checked" in result.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["scan"] is False
