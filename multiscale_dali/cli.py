@@ -36,13 +36,6 @@ def _scales(value: str) -> tuple[int, ...]:
         raise ConfigError("scales", f"{value!r} is not a comma-separated list of integers, e.g. 64,96,128") from None
 
 
-def _fractions(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError("split_fractions", f"{value!r} is not three comma-separated numbers, e.g. 0.8,0.1,0.1") from None
-
-
 # (flag, config field, click type, help). Every flag defaults to None = "not given", so a recipe's
 # value survives unless the flag is on the command line.
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -123,10 +116,7 @@ def build_train_config(
         else:
             base = TrainConfig()
         given = {field: flags[field] for _, field, _, _ in TRAIN_FLAGS if flags.get(field) is not None}
-        if "scales" in given:
-            given["scales"] = _scales(given["scales"])
-        if "split_fractions" in given:
-            given["split_fractions"] = _fractions(given["split_fractions"])
+        # Comma-separated flags (--scales, --split-fractions) are split and typed by the config itself.
         if "out" not in given:
             if resumed is not None:
                 given["out"] = resumed["out"]
@@ -273,11 +263,11 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
     Exit code 1 when a bad image is found. Results are cached per file (size, mtime), so a
     second scan of unchanged files decodes nothing; `msdali train` runs the same scan.
     """
-    from multiscale_dali.app import scan_cache_path
+    from multiscale_dali.app import dataset_root, scan_cache_path
     from multiscale_dali.progress import CountProgress
     from multiscale_dali.scan import DEFAULT_MAX_PIXELS, scan_tree
 
-    root = Path(data) if data else _default_data_root()
+    root = Path(data) if data else dataset_root(TrainConfig())
     if not root.is_dir():
         raise click.UsageError(f"--data: {root} is not a directory")
     with CountProgress(desc="scan", unit="file", enabled=_bars_enabled()) as progress:
@@ -307,11 +297,6 @@ def _worker_counts(value: str) -> tuple[int, ...]:
     except ValueError:
         raise ConfigError("workers", f"{value!r} is not a comma-separated list of worker counts, e.g. 0,2,4") from None
 
-
-def _default_data_root() -> Path:
-    from multiscale_dali.sample_data import default_dataset
-
-    return default_dataset()
 
 # ---------------------------------------------------------------------------------------- the user's side
 def _bars_enabled() -> bool | None:

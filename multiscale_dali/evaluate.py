@@ -275,9 +275,9 @@ def resolve_data_root(loaded: LoadedModel, data: str | Path | None) -> Path:
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     if loaded.config.data is None:  # the embedded dataset: deterministic, so it can be rebuilt here
-        from multiscale_dali.sample_data import default_dataset
+        from multiscale_dali.app import dataset_root
 
-        return default_dataset(binary=loaded.config.default_dataset == "textures-binary")
+        return dataset_root(loaded.config)
     raise DataError(f"the run's dataset {recorded or loaded.config.data} is not here; give its location with --data")
 
 
