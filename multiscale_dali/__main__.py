@@ -1,3 +1,3 @@
-from multiscale_dali.cli import main
+from multiscale_dali.cli.main import main
 
 main()

@@ -2,7 +2,7 @@
 
 Every file is tiny (48x40) except the "bomb", whose PNG header claims 100000 x 100000 pixels
 but which is a few dozen bytes on disk: only a decoder that trusts the header would allocate
-its 30 GB. ``EXPECTED`` says what :mod:`multiscale_dali.scan` must conclude about each file.
+its 30 GB. ``EXPECTED`` says what :mod:`multiscale_dali.data.scan` must conclude about each file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from multiscale_dali import scan
+from multiscale_dali.data import scan
 
 WIDTH, HEIGHT = 48, 40
 BOMB_SIDE = 100_000

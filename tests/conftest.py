@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from multiscale_dali.constants import IMAGENET_MEAN, IMAGENET_STD
-from multiscale_dali.loader_spec import LoaderSpec
-from multiscale_dali.schedule import constant_schedule
+from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.schedule import constant_schedule
 
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((96, 64), (80, 120), (100, 100), (150, 90), (70, 110))
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from multiscale_dali import benchmark
-from multiscale_dali.batch import MultiScaleBatch
-from multiscale_dali.benchmark import (
+from multiscale_dali.benchmark import core as benchmark
+from multiscale_dali.pipelines.batch import MultiScaleBatch
+from multiscale_dali.benchmark.core import (
     BASELINE,
     DALI,
     DALI_1SCALE,
@@ -36,10 +36,10 @@ from multiscale_dali.benchmark import (
     summarize,
     throughput,
 )
-from multiscale_dali.loader_spec import LoaderSpec
-from multiscale_dali.loaders import dali_installed
-from multiscale_dali.schedule import constant_schedule
-from multiscale_dali.synthetic import cached_synthetic_jpegs, synthetic_photo, write_synthetic_jpegs
+from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.factory import dali_installed
+from multiscale_dali.pipelines.schedule import constant_schedule
+from multiscale_dali.data.synthetic import cached_synthetic_jpegs, synthetic_photo, write_synthetic_jpegs
 
 TINY_SIZE = (96, 72)
 TINY_COUNT = 12
@@ -275,7 +275,7 @@ def test_run_benchmark_rejects_bad_arguments(tiny_folder: Path) -> None:
 
 
 def test_missing_dali_is_reported_not_fatal(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("multiscale_dali.loaders.dali_installed", lambda: False)
+    monkeypatch.setattr("multiscale_dali.pipelines.factory.dali_installed", lambda: False)
     results = run_benchmark(data=tiny_folder, scales=SCALES, batch_size=BATCH, backends=(DALI, BASELINE),
                             model=None, iters=1, device="cpu", workers=(0,), warmup=0, repeats=1, synthetic=None)
     assert results["loader"][DALI]["skipped"] == "DALI is not installed"
@@ -357,7 +357,7 @@ def test_format_report_mentions_every_backend_and_section(full_results: dict) ->
 def test_benchmark_command_prints_every_backend_and_writes_json(tiny_folder: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from multiscale_dali.cli import main
+    from multiscale_dali.cli.main import main
 
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, [
@@ -374,7 +374,7 @@ def test_benchmark_command_prints_every_backend_and_writes_json(tiny_folder: Pat
 def test_benchmark_command_names_a_bad_backend(tiny_folder: Path) -> None:
     from click.testing import CliRunner
 
-    from multiscale_dali.cli import main
+    from multiscale_dali.cli.main import main
 
     result = CliRunner().invoke(main, ["benchmark", "--data", str(tiny_folder), "--backends", "opencv"])
     assert result.exit_code == 2 and "opencv" in result.output

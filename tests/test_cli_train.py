@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner, Result
 
 from conftest import make_jpeg_folder
-from multiscale_dali.app import run_training
-from multiscale_dali.cli import main
-from multiscale_dali.config import TrainConfig
+from multiscale_dali.training.run import run_training
+from multiscale_dali.cli.main import main
+from multiscale_dali.training.config import TrainConfig
 from multiscale_dali.constants import EXIT_INTERRUPTED
 
 BACKENDS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
@@ -157,7 +157,7 @@ def test_resume_from_another_runs_checkpoint_never_writes_into_a_used_directory(
 
 
 def test_dali_backend_without_dali_names_the_flag_and_the_install(tmp_path, image_root, monkeypatch):
-    monkeypatch.setattr("multiscale_dali.loaders.dali_installed", lambda: False)
+    monkeypatch.setattr("multiscale_dali.pipelines.factory.dali_installed", lambda: False)
     result = CliRunner().invoke(main, ["train", "--data", str(image_root), "--out", str(tmp_path / "r"),
                                        "--backend", "dali", *SMALL])
     assert result.exit_code == 2 and "--backend" in result.output and "nvidia-dali-cuda120" in result.output

@@ -18,10 +18,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from multiscale_dali.cli import RECIPES_DIR, main
-from multiscale_dali.config import load_recipe
-from multiscale_dali.progress import EpochProgress
-from multiscale_dali.trainer import StepEvent
+from multiscale_dali.cli.main import main
+from multiscale_dali.training.config import load_recipe
+from multiscale_dali.reporting.progress import EpochProgress
+from multiscale_dali.training.trainer import StepEvent
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -205,11 +205,11 @@ def test_predict_refuses_scale_and_scales_together(trained):
 def test_recipes_lists_every_recipe_with_its_description():
     result = CliRunner().invoke(main, ["recipes"])
     assert result.exit_code == 0, result.output
-    recipes = sorted(RECIPES_DIR.glob("*.toml"))
+    recipes = sorted((REPO / "pipelines").glob("*.toml"))
     assert recipes
     lines = result.output.splitlines()
     for path in recipes:
         _, description = load_recipe(path)
         assert description, f"{path.name} has no description"
-        listed = [line for line in lines if line.startswith(f"pipelines/{path.name} ")]
+        listed = [line for line in lines if line.startswith(f"{path.stem} ")]
         assert len(listed) == 1 and listed[0].rstrip().endswith(description), result.output

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from multiscale_dali.config import ConfigError, TrainConfig, config_from_mapping, load_recipe, recipe_config
+from multiscale_dali.training.config import ConfigError, TrainConfig, config_from_mapping, load_recipe, recipe_config
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "pipelines").glob("*.toml"))
 

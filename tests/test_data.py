@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from multiscale_dali.constants import SPLIT_NAMES
-from multiscale_dali.data import (
+from multiscale_dali.data.discovery import (
     DataError,
     DatasetSplits,
     SplitFiles,
@@ -104,7 +104,7 @@ def test_missing_val_and_test_are_carved_out_of_train_stratified(
 ) -> None:
     _make_class_folders(tmp_path / "train", {"cat": 10, "dog": 20})
 
-    with caplog.at_level(logging.INFO, logger="multiscale_dali.data"):
+    with caplog.at_level(logging.INFO, logger="multiscale_dali.data.discovery"):
         splits = discover_dataset(tmp_path, fractions=(0.8, 0.1, 0.1), seed=3)
 
     assert splits.explicit_splits is False

@@ -26,18 +26,18 @@ import torch
 import torch.distributed as dist
 
 from conftest import make_jpeg_folder
-from multiscale_dali.app import ResumeWorldSizeError, _resume_keeps_loader_states
-from multiscale_dali.batch import MultiScaleBatch
+from multiscale_dali.training.run import ResumeWorldSizeError, _resume_keeps_loader_states
+from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.constants import EXIT_INTERRUPTED
-from multiscale_dali.data import discover_dataset
-from multiscale_dali.distributed import DistributedError, distributed_session
-from multiscale_dali.loader_spec import LoaderSpec
-from multiscale_dali.loaders import build_loader, dali_installed
-from multiscale_dali.losses import ScaleConsistencyLoss, base_loss, predict
-from multiscale_dali.metrics import ScaleMeter
-from multiscale_dali.models import build_model
-from multiscale_dali.schedule import constant_schedule
-from multiscale_dali.trainer import MultiScaleTrainer, TrainerOptions
+from multiscale_dali.data.discovery import discover_dataset
+from multiscale_dali.training.distributed import DistributedError, distributed_session
+from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.factory import build_loader, dali_installed
+from multiscale_dali.training.losses import ScaleConsistencyLoss, base_loss, predict
+from multiscale_dali.training.metrics import ScaleMeter
+from multiscale_dali.models.registry import build_model
+from multiscale_dali.pipelines.schedule import constant_schedule
+from multiscale_dali.training.trainer import MultiScaleTrainer, TrainerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = [

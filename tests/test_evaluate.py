@@ -15,10 +15,10 @@ import torch
 from conftest import make_jpeg_folder
 from torch import nn
 
-from multiscale_dali.app import run_training
-from multiscale_dali.config import ConfigError, TrainConfig
-from multiscale_dali.data import DataError
-from multiscale_dali.evaluate import (
+from multiscale_dali.training.run import run_training
+from multiscale_dali.training.config import ConfigError, TrainConfig
+from multiscale_dali.data.discovery import DataError
+from multiscale_dali.evaluation.evaluate import (
     AS_TRAINED,
     BN_RECALIBRATED,
     ENSEMBLE,
@@ -32,10 +32,10 @@ from multiscale_dali.evaluate import (
     recalibrate_batchnorm,
     roc_auc,
 )
-from multiscale_dali.loader_spec import LoaderSpec
-from multiscale_dali.models import build_model
-from multiscale_dali.schedule import constant_schedule
-from multiscale_dali.torch_pipeline import TorchvisionLoader
+from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.models.registry import build_model
+from multiscale_dali.pipelines.schedule import constant_schedule
+from multiscale_dali.pipelines.torchvision_backend import TorchvisionLoader
 
 SCALES = (32, 48)
 
@@ -192,7 +192,7 @@ def test_errors_name_the_flag(binary_run, tmp_path):
 
 
 def test_dali_backend_measures_what_torchvision_measures(binary_run):
-    from multiscale_dali.loaders import dali_installed
+    from multiscale_dali.pipelines.factory import dali_installed
 
     if not dali_installed():
         pytest.skip("DALI not installed")

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from conftest import make_jpeg_folder
-from multiscale_dali.batch import MultiScaleBatch
-from multiscale_dali.loader_spec import Loader, LoaderSpec
-from multiscale_dali.loaders import build_loader, dali_installed
-from multiscale_dali.schedule import ScaleSchedule, constant_schedule, stepwise_schedule
+from multiscale_dali.pipelines.batch import MultiScaleBatch
+from multiscale_dali.pipelines.spec import Loader, LoaderSpec
+from multiscale_dali.pipelines.factory import build_loader, dali_installed
+from multiscale_dali.pipelines.schedule import ScaleSchedule, constant_schedule, stepwise_schedule
 
 BACKENDS = [
     pytest.param("dali", marks=pytest.mark.skipif(not dali_installed(), reason="needs DALI")),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multiscale_dali.constants import CONSISTENCY_TYPES
-from multiscale_dali.losses import (
+from multiscale_dali.training.losses import (
     TEACHERS,
     ScaleConsistencyLoss,
     base_loss,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from multiscale_dali.models import (
+from multiscale_dali.models.registry import (
     TINY_CNN,
     ModelError,
     TinyCNN,

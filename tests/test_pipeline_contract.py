@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_jpeg_folder, make_spec, run_loader
-from multiscale_dali.loaders import build_loader
-from multiscale_dali.schedule import constant_schedule
+from multiscale_dali.pipelines.factory import build_loader
+from multiscale_dali.pipelines.schedule import constant_schedule
 
 BACKENDS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
     importlib.util.find_spec("nvidia") is None, reason="DALI not installed"))]

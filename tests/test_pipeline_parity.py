@@ -25,10 +25,10 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from conftest import make_jpeg_folder, make_spec, run_loader, synthetic_image, to_uint8  # noqa: E402
-from multiscale_dali.dali_pipeline import DaliLoader  # noqa: E402
-from multiscale_dali.loader_spec import LoaderSpec  # noqa: E402
-from multiscale_dali.schedule import constant_schedule, stepwise_schedule  # noqa: E402
-from multiscale_dali.torch_pipeline import TorchvisionLoader  # noqa: E402
+from multiscale_dali.pipelines.dali.pipeline import DaliLoader  # noqa: E402
+from multiscale_dali.pipelines.spec import LoaderSpec  # noqa: E402
+from multiscale_dali.pipelines.schedule import constant_schedule, stepwise_schedule  # noqa: E402
+from multiscale_dali.pipelines.torchvision_backend import TorchvisionLoader  # noqa: E402
 
 MAX_LEVELS = 8
 MEAN_LEVELS = 1.0

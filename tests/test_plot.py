@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from multiscale_dali.app import run_training
-from multiscale_dali.cli import main
-from multiscale_dali.config import TrainConfig
+from multiscale_dali.training.run import run_training
+from multiscale_dali.cli.main import main
+from multiscale_dali.training.config import TrainConfig
 from multiscale_dali.extras import MissingExtraError
-from multiscale_dali.plot import PlotError, plot_run, read_run, schedule_by_epoch
+from multiscale_dali.reporting.plot import PlotError, plot_run, read_run, schedule_by_epoch
 
 SCALES = (32, 48)
 
@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated_run(run_dir) -> Path:
-    from multiscale_dali.evaluate import EvalOptions, default_eval_path, evaluate_checkpoint
+    from multiscale_dali.evaluation.evaluate import EvalOptions, default_eval_path, evaluate_checkpoint
 
     report = evaluate_checkpoint(run_dir / "best.pt", options=EvalOptions(
         scales=(24, 32, 48, 64), backend="torchvision", device="cpu", workers=0, batch_size=32,

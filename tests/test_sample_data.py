@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multiscale_dali import sample_data
+from multiscale_dali.data import embedded as sample_data
 from multiscale_dali.constants import SPLIT_NAMES
-from multiscale_dali.data import discover_dataset
-from multiscale_dali.sample_data import (
+from multiscale_dali.data.discovery import discover_dataset
+from multiscale_dali.data.embedded import (
     CROP_SIDE_RANGE,
     MARKER_NAME,
     default_cache_dir,
@@ -241,7 +241,7 @@ def test_default_dataset_uses_the_environment_cache(
 def test_default_dataset_materializes_once_and_reuses_the_marked_folder(
     small_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("INFO", logger="multiscale_dali.sample_data"):
+    with caplog.at_level("INFO", logger="multiscale_dali.data.embedded"):
         first = default_dataset(cache_dir=small_cache)
     assert first == small_cache / "textures-multiclass-v1-seed0"
     assert str(first) in caplog.text  # says where it materializes

@@ -1,4 +1,4 @@
-"""Pre-training vetting of image files (multiscale_dali.scan) against a zoo of broken inputs."""
+"""Pre-training vetting of image files (multiscale_dali.data.scan) against a zoo of broken inputs."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from bad_images import (
     write_zoo,
     zoo_paths,
 )
-from multiscale_dali import scan
-from multiscale_dali.scan import (
+from multiscale_dali.data import scan
+from multiscale_dali.data.scan import (
     DEFAULT_MAX_PIXELS,
     BadImagesError,
     FileReport,
@@ -220,8 +220,8 @@ def test_cache_skips_unchanged_files_and_rechecks_changed_ones(
 
 def test_corrupt_cache_is_ignored(paths: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = tmp_path / "scan.json"
-    cache.write_text('{"format": "multiscale_dali.scan/manifest", "entr')  # torn by a crash
-    with caplog.at_level(logging.WARNING, logger="multiscale_dali.scan"):
+    cache.write_text('{"format": "multiscale_dali.data.scan/manifest", "entr')  # torn by a crash
+    with caplog.at_level(logging.WARNING, logger="multiscale_dali.data.scan"):
         result = scan_files([paths["rgb.jpg"]], cache_path=cache)
     assert result.cached_count == 0 and result.reports[0].kind == "ok"
     assert any(str(cache) in message for message in caplog.messages)
@@ -250,7 +250,7 @@ def test_filter_good_keeps_labels_aligned(
     names = ["rgb.jpg", "truncated.jpg", "cmyk.jpg", "zero.jpg", "bomb.png", "rgba.png", "text.jpg"]
     labels = [0, 0, 1, 1, 2, 2, 3]
     monkeypatch.chdir(Path(paths["rgb.jpg"]).parent)  # relative paths are matched too
-    with caplog.at_level(logging.WARNING, logger="multiscale_dali.scan"):
+    with caplog.at_level(logging.WARNING, logger="multiscale_dali.data.scan"):
         files, kept = filter_good(names, labels, result)
     assert files == ("rgb.jpg", "cmyk.jpg", "rgba.png")
     assert kept == (0, 1, 2)

@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 
-from multiscale_dali.schedule import (
+from multiscale_dali.pipelines.schedule import (
     ScaleSchedule,
     constant_schedule,
     linear_ramp_schedule,

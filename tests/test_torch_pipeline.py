@@ -12,9 +12,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from conftest import make_jpeg_folder, make_spec, run_loader, synthetic_image, to_uint8
-from multiscale_dali.schedule import constant_schedule, stepwise_schedule
-from multiscale_dali.sampling import eval_crop_box, padded_sample_order
-from multiscale_dali.torch_pipeline import TorchvisionLoader, epoch_batches, load_rgb, random_crop_box
+from multiscale_dali.pipelines.schedule import constant_schedule, stepwise_schedule
+from multiscale_dali.pipelines.sampling import eval_crop_box, padded_sample_order
+from multiscale_dali.pipelines.torchvision_backend import TorchvisionLoader, epoch_batches, load_rgb, random_crop_box
 
 PROGRESSIVE = stepwise_schedule({0: 32, 1: 48, 2: 64})
 # In-process decoding keeps these tests fast; worker processes are exercised where they matter.

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from multiscale_dali.batch import MultiScaleBatch
-from multiscale_dali.losses import ScaleConsistencyLoss
-from multiscale_dali.metrics import ScaleMeter
-from multiscale_dali.models import build_model
-from multiscale_dali.schedule import constant_schedule, stepwise_schedule
-from multiscale_dali.trainer import (
+from multiscale_dali.pipelines.batch import MultiScaleBatch
+from multiscale_dali.training.losses import ScaleConsistencyLoss
+from multiscale_dali.training.metrics import ScaleMeter
+from multiscale_dali.models.registry import build_model
+from multiscale_dali.pipelines.schedule import constant_schedule, stepwise_schedule
+from multiscale_dali.training.trainer import (
     MultiScaleTrainer,
     NonFiniteLossError,
     ProgressiveMultiScaleTrainer,
@@ -126,7 +126,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run():
 
 
 def test_multiscale_model_runs_every_scale_in_one_forward():
-    from multiscale_dali.trainer import MultiScaleModel
+    from multiscale_dali.training.trainer import MultiScaleModel
 
     calls = []
     net = nn.Flatten()

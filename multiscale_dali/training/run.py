@@ -21,21 +21,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from multiscale_dali.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from multiscale_dali.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
+from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
+from multiscale_dali.fileio import atomic_save
+from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
 from multiscale_dali.constants import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, SPLIT_NAMES
-from multiscale_dali.data import DataError, DatasetSplits, SplitFiles, discover_dataset
-from multiscale_dali.distributed import (
+from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
+from multiscale_dali.training.distributed import (
     DistributedContext,
     DistributedError,
     distributed_session,
     quiet_unless_main,
 )
-from multiscale_dali.loader_spec import Loader, LoaderSpec
-from multiscale_dali.loaders import build_loader, resolve_backend
-from multiscale_dali.losses import ScaleConsistencyLoss, num_outputs, resolve_task
-from multiscale_dali.models import build_model
-from multiscale_dali.resume import (
+from multiscale_dali.pipelines.spec import Loader, LoaderSpec
+from multiscale_dali.pipelines.factory import build_loader, resolve_backend
+from multiscale_dali.training.losses import ScaleConsistencyLoss, num_outputs, resolve_task
+from multiscale_dali.models.registry import build_model
+from multiscale_dali.training.resume import (
     best_path,
     capture_rng_state,
     find_resume_checkpoint,
@@ -43,21 +44,21 @@ from multiscale_dali.resume import (
     run_dir_of,
     save_last,
 )
-from multiscale_dali.run_directory import (
+from multiscale_dali.training.run_directory import (
     append_json_line,
     check_fresh,
     keep_metrics_before,
     write_json,
 )
-from multiscale_dali.schedule import (
+from multiscale_dali.pipelines.schedule import (
     ScaleSchedule,
     constant_schedule,
     linear_ramp_schedule,
     parse_steps,
     stepwise_schedule,
 )
-from multiscale_dali.signals import StopRequest
-from multiscale_dali.trainer import (
+from multiscale_dali.training.signals import StopRequest
+from multiscale_dali.training.trainer import (
     EpochRecord,
     FitResult,
     MultiScaleTrainer,
@@ -123,14 +124,14 @@ def seed_everything(seed: int) -> None:
 def dataset_root(config: TrainConfig) -> Path:
     if config.data is not None:
         return Path(config.data)
-    from multiscale_dali.sample_data import default_dataset
+    from multiscale_dali.data.embedded import default_dataset
 
     return default_dataset(binary=config.default_dataset == "textures-binary")
 
 
 def scan_cache_path(root: Path) -> Path:
     """One scan manifest per dataset root, shared by every run over it."""
-    from multiscale_dali.sample_data import default_cache_dir
+    from multiscale_dali.data.embedded import default_cache_dir
 
     digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     return default_cache_dir() / "scan" / f"{digest}.json"
@@ -139,10 +140,10 @@ def scan_cache_path(root: Path) -> Path:
 def vet_splits(splits: DatasetSplits, config: TrainConfig) -> DatasetSplits:
     """Pre-flight scan of every file: DALI cannot skip a bad file mid-run, so find them first.
 
-    ``on_bad_file="error"`` raises :class:`~multiscale_dali.scan.BadImagesError` naming each bad
+    ``on_bad_file="error"`` raises :class:`~multiscale_dali.data.scan.BadImagesError` naming each bad
     file; ``"skip"`` trains on the good files, every label unchanged.
     """
-    from multiscale_dali.scan import filter_good, scan_files
+    from multiscale_dali.data.scan import filter_good, scan_files
 
     if not config.scan:
         log.warning("--no-scan: the files are not checked; a bad image stops the run when a loader meets it")
@@ -596,7 +597,7 @@ def library_versions() -> dict[str, str | None]:
     import torchvision
 
     from multiscale_dali import __version__
-    from multiscale_dali.loaders import dali_version
+    from multiscale_dali.pipelines.factory import dali_version
 
     return {
         "msdali": __version__, "python": sys.version.split()[0], "torch": torch.__version__,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from multiscale_dali.config import ConfigError
-from multiscale_dali.loader_spec import Loader, LoaderSpec
+from multiscale_dali.errors import ConfigError
+from multiscale_dali.pipelines.spec import Loader, LoaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ def resolve_backend(backend: str) -> str:
 def build_loader(spec: LoaderSpec, *, backend: str) -> Loader:
     """A loader of ``backend`` (already resolved: ``dali`` or ``torchvision``) for ``spec``."""
     if backend == "dali":
-        from multiscale_dali.dali_pipeline import DaliLoader
+        from multiscale_dali.pipelines.dali.pipeline import DaliLoader
 
         return DaliLoader(spec)
     if backend == "torchvision":
-        from multiscale_dali.torch_pipeline import TorchvisionLoader
+        from multiscale_dali.pipelines.torchvision_backend import TorchvisionLoader
 
         return TorchvisionLoader(spec)
     raise ValueError(f"unknown backend {backend!r}; choose from dali, torchvision")

@@ -18,14 +18,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol
 
-from multiscale_dali.batch import MultiScaleBatch
+from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.constants import (
     DEFAULT_CROP_AREA,
     DEFAULT_CROP_ASPECT,
     DEFAULT_HW_DECODER_LOAD,
     EVAL_CROP_FRACTION,
 )
-from multiscale_dali.schedule import ScaleSchedule
+from multiscale_dali.pipelines.schedule import ScaleSchedule
 
 
 @dataclass(frozen=True)

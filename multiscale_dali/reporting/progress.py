@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import IO, Any
 
-from multiscale_dali.trainer import StepEvent
+from multiscale_dali.training.trainer import StepEvent
 
 DEFAULT_LOSS_EVERY = 10
 

@@ -37,11 +37,11 @@ from nvidia.dali.pipeline import DataNode, Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from nvidia.dali.types import BatchInfo
 
-from multiscale_dali.batch import MultiScaleBatch, to_model_batch
+from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
 from multiscale_dali.constants import DEFAULT_HW_DECODER_LOAD
-from multiscale_dali.loader_spec import LoaderSpec
-from multiscale_dali.schedule import ScaleSchedule
-from multiscale_dali.sampling import (
+from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.schedule import ScaleSchedule
+from multiscale_dali.pipelines.sampling import (
     AUGMENT_STREAM,
     SHUFFLE_STREAM,
     check_loader_state,
@@ -324,7 +324,7 @@ def _parse_dali_state(state: Mapping[str, Any], spec: LoaderSpec) -> tuple[int, 
 
 
 class DaliLoader:
-    """:class:`~multiscale_dali.loader_spec.Loader` backed by one DALI pipeline for the whole run.
+    """:class:`~multiscale_dali.pipelines.spec.Loader` backed by one DALI pipeline for the whole run.
 
     The pipeline is built on the first :meth:`epoch` call, with its shuffle and augmentation seeds
     derived from ``(seed, first epoch)``. Exact resume goes through :meth:`state_dict` and

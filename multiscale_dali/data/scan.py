@@ -51,9 +51,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import PIL
 from PIL import Image, ImageFile, TiffImagePlugin, features
 
-from multiscale_dali.checkpoint import atomic_write_text
+from multiscale_dali.fileio import atomic_write_text
 from multiscale_dali.constants import DEFAULT_MAX_PIXELS
-from multiscale_dali.data import is_image_file
+from multiscale_dali.data.discovery import is_image_file
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -100,7 +100,7 @@ MAX_LOGGED_PROBLEMS: int = 20
 _SNIFF_BYTES: int = 16
 # Bump when the verdict rules change, so that a manifest written by older rules is not trusted.
 SCAN_RULES_VERSION: int = 1
-_MANIFEST_FORMAT: str = "multiscale_dali.scan/manifest"
+_MANIFEST_FORMAT: str = "multiscale_dali.data.scan/manifest"
 
 ReportKind = Literal["ok", "converted", "bad", "ignored"]
 KIND_OK: ReportKind = "ok"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from multiscale_dali.extras import MissingExtraError
-from multiscale_dali.trainer import EpochRecord
+from multiscale_dali.training.trainer import EpochRecord
 
 TENSORBOARD_DIR = "tensorboard"
 

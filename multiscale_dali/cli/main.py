@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import click
 
-from multiscale_dali.config import (
+from multiscale_dali.training.config import (
     AMP_CHOICES,
     BAD_FILE_POLICIES,
     DEFAULT_DATASETS,
@@ -20,14 +20,12 @@ from multiscale_dali.config import (
     OPTIMIZERS,
     ConfigError,
     TrainConfig,
+    bundled_recipes,
     config_from_mapping,
     load_recipe,
     recipe_config,
 )
 from multiscale_dali.constants import BACKENDS, CONSISTENCY_TYPES, EXIT_INTERRUPTED, MODES, TASKS, TEACHERS
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
-
 
 def _scales(value: str) -> tuple[int, ...]:
     try:
@@ -132,8 +130,8 @@ def build_train_config(
 
 def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | None:
     """The configuration stored in the checkpoint a resume will use (None: fresh run)."""
-    from multiscale_dali.checkpoint import CheckpointError
-    from multiscale_dali.resume import find_resume_checkpoint, run_dir_of
+    from multiscale_dali.training.checkpoint import CheckpointError
+    from multiscale_dali.training.resume import find_resume_checkpoint, run_dir_of
 
     if resume is None:
         return None
@@ -152,14 +150,14 @@ def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | Non
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the library's input errors into one-line usage errors (exit 2) that name the flag."""
-    from multiscale_dali.data import DataError
-    from multiscale_dali.models import ModelError
+    from multiscale_dali.data.discovery import DataError
+    from multiscale_dali.models.registry import ModelError
 
-    from multiscale_dali.run_directory import RunDirectoryError
-    from multiscale_dali.checkpoint import CheckpointError
-    from multiscale_dali.distributed import DistributedError
-    from multiscale_dali.scan import BadImagesError
-    from multiscale_dali.trainer import NonFiniteLossError
+    from multiscale_dali.training.run_directory import RunDirectoryError
+    from multiscale_dali.training.checkpoint import CheckpointError
+    from multiscale_dali.training.distributed import DistributedError
+    from multiscale_dali.data.scan import BadImagesError
+    from multiscale_dali.training.trainer import NonFiniteLossError
 
     try:
         yield
@@ -198,7 +196,7 @@ def main(verbose: int, quiet: bool) -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML recipe (see `msdali recipes`); flags override its values.")
+              help="Recipe: a bundled name (see `msdali recipes`) or a TOML file; flags override its values.")
 @click.option("--resume", default=None, metavar="auto|PATH",
               help="Continue a run: auto = the checkpoint in --out (fresh start if none), or a checkpoint file.")
 @click.option("--plot", "plot_at_end", is_flag=True, help="Write PNG figures to RUN_DIR/plots at the end (needs the plot extra).")
@@ -209,7 +207,7 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
 
     SIGTERM/SIGINT stop at the next step with a checkpoint and exit code 75; --resume auto continues.
     """
-    from multiscale_dali.app import run_training
+    from multiscale_dali.training.run import run_training
 
     resumed = _resumed_config(resume, flags.get("out"))
     config = build_train_config(config_path, flags, resumed=resumed)
@@ -235,7 +233,7 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
 @main.command()
 def models() -> None:
     """List the available models."""
-    from multiscale_dali.models import describe_models
+    from multiscale_dali.models.registry import describe_models
 
     for name, description in describe_models():
         click.echo(f"{name:<22} {description}")
@@ -243,13 +241,13 @@ def models() -> None:
 
 @main.command()
 def recipes() -> None:
-    """List the TOML recipes shipped in pipelines/."""
-    for path in sorted(RECIPES_DIR.glob("*.toml")):
+    """List the bundled TOML recipes (the project's pipelines/); use one with --config NAME."""
+    for name, path in bundled_recipes().items():
         try:
             _, description = load_recipe(path)
         except ConfigError as err:
             description = f"(invalid: {err.message})"
-        click.echo(f"{str(path.relative_to(RECIPES_DIR.parent)):<44} {description}")
+        click.echo(f"{name:<28} {description}")
 
 
 @main.command()
@@ -263,9 +261,9 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
     Exit code 1 when a bad image is found. Results are cached per file (size, mtime), so a
     second scan of unchanged files decodes nothing; `msdali train` runs the same scan.
     """
-    from multiscale_dali.app import dataset_root, scan_cache_path
-    from multiscale_dali.progress import CountProgress
-    from multiscale_dali.scan import DEFAULT_MAX_PIXELS, scan_tree
+    from multiscale_dali.training.run import dataset_root, scan_cache_path
+    from multiscale_dali.reporting.progress import CountProgress
+    from multiscale_dali.data.scan import DEFAULT_MAX_PIXELS, scan_tree
 
     root = Path(data) if data else dataset_root(TrainConfig())
     if not root.is_dir():
@@ -282,7 +280,7 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
     for folder in result.empty_dirs:
         click.echo(f"empty     {folder}")
     if manifest:
-        from multiscale_dali.checkpoint import atomic_write_text
+        from multiscale_dali.fileio import atomic_write_text
 
         atomic_write_text(manifest, result.to_json())
     counts = result.counts()
@@ -308,7 +306,7 @@ class _TrainReporter:
     """What `msdali train` shows per step and per epoch: progress bar, epoch line, TensorBoard scalars."""
 
     def __init__(self, *, epochs: int, out: str, tensorboard: bool) -> None:
-        from multiscale_dali.progress import EpochProgress
+        from multiscale_dali.reporting.progress import EpochProgress
 
         self.epochs = epochs
         self.out = out
@@ -324,7 +322,7 @@ class _TrainReporter:
         click.echo(_format_epoch(record, self.epochs))
         if self.tensorboard:
             if self._writer is None:  # created at the first epoch: a run refused at start leaves no folder
-                from multiscale_dali.tensorboard_log import TensorBoardLogger
+                from multiscale_dali.reporting.tensorboard import TensorBoardLogger
 
                 self._writer = TensorBoardLogger(self.out)
             self._writer.log_epoch(record)
@@ -344,11 +342,11 @@ def _train_reporter(config: TrainConfig, *, tensorboard: bool, plot: bool) -> It
 
     try:
         if tensorboard:
-            from multiscale_dali.tensorboard_log import summary_writer_class
+            from multiscale_dali.reporting.tensorboard import summary_writer_class
 
             summary_writer_class()
         if plot:
-            from multiscale_dali.plot import check_plotting_available
+            from multiscale_dali.reporting.plot import check_plotting_available
 
             check_plotting_available()
     except MissingExtraError as err:
@@ -363,7 +361,7 @@ def _train_reporter(config: TrainConfig, *, tensorboard: bool, plot: bool) -> It
 
 def _write_plots(run_dir: str | Path, *, out_dir: str | None = None) -> list[Path]:
     from multiscale_dali.extras import MissingExtraError
-    from multiscale_dali.plot import PlotError, plot_run
+    from multiscale_dali.reporting.plot import PlotError, plot_run
 
     try:
         return plot_run(run_dir, out_dir=out_dir)
@@ -400,7 +398,7 @@ def evaluate(checkpoint: str, data: str | None, split: str, scales_text: str | N
     """Accuracy, loss (and AUC for binary tasks) of a checkpoint at several resolutions, plus their ensemble."""
     import json
 
-    from multiscale_dali.evaluate import EvalOptions, default_eval_path, evaluate_checkpoint, format_report
+    from multiscale_dali.evaluation.evaluate import EvalOptions, default_eval_path, evaluate_checkpoint, format_report
 
     with user_errors():
         options = EvalOptions(
@@ -414,7 +412,7 @@ def evaluate(checkpoint: str, data: str | None, split: str, scales_text: str | N
                f"backend {report.backend} on {report.device}")
     for line in format_report(report):
         click.echo(line)
-    from multiscale_dali.checkpoint import atomic_write_text
+    from multiscale_dali.fileio import atomic_write_text
 
     out = Path(json_path) if json_path else default_eval_path(checkpoint)
     atomic_write_text(out, json.dumps(report.to_json(), indent=2) + "\n")
@@ -432,8 +430,8 @@ def evaluate(checkpoint: str, data: str | None, split: str, scales_text: str | N
 def predict(checkpoint: str, images: tuple[str, ...], scale: int | None, scales_text: str | None,
             device: str) -> None:
     """Class and probability of each image (tab-separated: path, class, probability)."""
-    from multiscale_dali.distributed import resolve_device
-    from multiscale_dali.evaluate import ImageError, default_predict_scales, load_model, predict_images
+    from multiscale_dali.training.distributed import resolve_device
+    from multiscale_dali.evaluation.evaluate import ImageError, default_predict_scales, load_model, predict_images
 
     if scale is not None and scales_text:
         raise click.UsageError("--scale and --scales: give one of them")
@@ -487,7 +485,7 @@ def benchmark(data: Path | None, synthetic: int | None, scales: str, batch_size:
 
     See docs/benchmarks.md for what each number means and the figures we measured.
     """
-    from multiscale_dali.benchmark import format_report, run_benchmark, save_results
+    from multiscale_dali.benchmark.core import format_report, run_benchmark, save_results
 
     if data is not None and synthetic is not None:
         raise click.UsageError("--data and --synthetic are mutually exclusive")
@@ -508,6 +506,3 @@ def benchmark(data: Path | None, synthetic: int | None, scales: str, batch_size:
     if json_out is not None:
         save_results(results, json_out)
         click.echo(f"results written to {json_out}")
-
-if __name__ == "__main__":  # `python -m multiscale_dali.cli` and `torchrun -m multiscale_dali.cli`
-    main()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from multiscale_dali.config import ConfigError
+from multiscale_dali.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _env_int(environ: Mapping[str, str], name: str, default: int | None = None) 
         if default is None:
             raise DistributedError(
                 f"WORLD_SIZE={environ.get('WORLD_SIZE')} but {name} is not set; launch several processes with "
-                "torchrun (e.g. torchrun --nproc-per-node 2 -m multiscale_dali.cli train ...)"
+                "torchrun (e.g. torchrun --nproc-per-node 2 -m multiscale_dali.cli.main train ...)"
             )
         return default
     try:

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from multiscale_dali.batch import MultiScaleBatch
-from multiscale_dali.distributed import DistributedContext
-from multiscale_dali.losses import ScaleConsistencyLoss, base_loss, predict
-from multiscale_dali.metrics import ScaleMeter
-from multiscale_dali.schedule import ScaleSchedule
+from multiscale_dali.pipelines.batch import MultiScaleBatch
+from multiscale_dali.training.distributed import DistributedContext
+from multiscale_dali.training.losses import ScaleConsistencyLoss, base_loss, predict
+from multiscale_dali.training.metrics import ScaleMeter
+from multiscale_dali.pipelines.schedule import ScaleSchedule
 
 log = logging.getLogger(__name__)
 

@@ -54,11 +54,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from multiscale_dali.batch import MultiScaleBatch
-from multiscale_dali.checkpoint import atomic_write_text
+from multiscale_dali.pipelines.batch import MultiScaleBatch
+from multiscale_dali.fileio import atomic_write_text
 from multiscale_dali.constants import DEFAULT_HW_DECODER_LOAD, IMAGENET_MEAN, IMAGENET_STD
-from multiscale_dali.loader_spec import Loader, LoaderSpec
-from multiscale_dali.schedule import constant_schedule
+from multiscale_dali.pipelines.spec import Loader, LoaderSpec
+from multiscale_dali.pipelines.schedule import constant_schedule
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class BaselineDataset(Dataset):
 
 
 class BaselineLoader:
-    """The seed-style loader behind the :class:`~multiscale_dali.loader_spec.Loader` protocol.
+    """The seed-style loader behind the :class:`~multiscale_dali.pipelines.spec.Loader` protocol.
 
     Constant schedules only and no sharding (the benchmark runs one process). Given the same
     ``persistent_workers`` and pinned memory as the torchvision backend, so only the per-sample work
@@ -325,7 +325,7 @@ def make_loader(backend: str, spec: LoaderSpec) -> Loader:
     """A loader of one benchmark backend (``dali-1scale`` is ``dali`` with a one-scale spec)."""
     if backend == BASELINE:
         return BaselineLoader(spec)
-    from multiscale_dali.loaders import build_loader
+    from multiscale_dali.pipelines.factory import build_loader
 
     if backend in (DALI, DALI_1SCALE):
         return build_loader(spec, backend="dali")
@@ -383,18 +383,18 @@ class BenchData:
 def resolve_data(*, data: Path | None, synthetic: int | None, cache_dir: Path | None = None) -> BenchData:
     """The files to read: ``data`` (its train split, or every image of a flat folder), ``synthetic``
     JPEGs from the cache, or the embedded texture photos' train split."""
-    from multiscale_dali.data import discover_dataset
+    from multiscale_dali.data.discovery import discover_dataset
 
     if data is not None and synthetic is not None:
         raise ValueError("give either data or synthetic, not both")
     if synthetic is not None:
-        from multiscale_dali.synthetic import cached_synthetic_jpegs
+        from multiscale_dali.data.synthetic import cached_synthetic_jpegs
 
         root, source = cached_synthetic_jpegs(count=synthetic, cache_dir=cache_dir), f"synthetic x{synthetic}"
     elif data is not None:
         root, source = Path(data), "user folder"
     else:
-        from multiscale_dali.sample_data import default_dataset
+        from multiscale_dali.data.embedded import default_dataset
 
         root, source = default_dataset(cache_dir=cache_dir), "embedded texture photos (train split)"
     splits = discover_dataset(root)
@@ -641,7 +641,7 @@ def _loader_case(cfg: BenchConfig, backend: str, spec: LoaderSpec) -> Case:
 
 def benchmark_loaders(cfg: BenchConfig, backends: Sequence[str]) -> dict[str, Any]:
     """Every backend at every worker count of its sweep, interleaved; ``best`` is each one's fastest."""
-    from multiscale_dali.loaders import dali_installed
+    from multiscale_dali.pipelines.factory import dali_installed
 
     results: dict[str, Any] = {}
     cases: dict[Hashable, Case] = {}
@@ -668,7 +668,7 @@ def benchmark_loaders(cfg: BenchConfig, backends: Sequence[str]) -> dict[str, An
 
 
 def _task_and_outputs(num_classes: int) -> tuple[str, int]:
-    from multiscale_dali.losses import num_outputs, resolve_task
+    from multiscale_dali.training.losses import num_outputs, resolve_task
 
     task = resolve_task(num_classes)
     return task, num_outputs(task, num_classes)
@@ -677,10 +677,10 @@ def _task_and_outputs(num_classes: int) -> tuple[str, int]:
 def make_trainer(*, model: str, num_classes: int, scales: Sequence[int], device: str,
                  memory_efficient: bool = False, seed: int = 0):
     """A :class:`MultiScaleTrainer` as ``msdali train`` builds it: channels_last, AMP auto, SGD."""
-    from multiscale_dali.app import resolve_amp
-    from multiscale_dali.losses import ScaleConsistencyLoss
-    from multiscale_dali.models import build_model
-    from multiscale_dali.trainer import MultiScaleTrainer, TrainerOptions
+    from multiscale_dali.training.run import resolve_amp
+    from multiscale_dali.training.losses import ScaleConsistencyLoss
+    from multiscale_dali.models.registry import build_model
+    from multiscale_dali.training.trainer import MultiScaleTrainer, TrainerOptions
 
     task, outputs = _task_and_outputs(num_classes)
     torch_device = torch.device(device)
@@ -790,7 +790,7 @@ def benchmark_training(cfg: BenchConfig, *, model: str, workers: Mapping[str, in
 
 MEMORY_MODES: tuple[str, ...] = ("naive", "memory_efficient")
 _PROBE_CODE = (
-    "import sys; from multiscale_dali.benchmark import memory_probe_main; "
+    "import sys; from multiscale_dali.benchmark.core import memory_probe_main; "
     "sys.exit(memory_probe_main(sys.argv[1:]))"
 )
 
@@ -914,7 +914,7 @@ def decode_only_trial(cfg: BenchConfig, *, threads: int, hw_decoder_load: float)
     The decoded images keep their own sizes, so the pipeline is run directly rather than through a
     dense iterator; a device-wide synchronisation covers DALI's own CUDA streams.
     """
-    from multiscale_dali.dali_pipeline import decode_only_pipeline
+    from multiscale_dali.pipelines.dali.pipeline import decode_only_pipeline
 
     start = time.perf_counter()
     pipe = decode_only_pipeline(files=cfg.files, batch_size=cfg.batch_size, num_threads=threads,
@@ -978,7 +978,7 @@ def benchmark_gpu(cfg: BenchConfig) -> dict[str, Any]:
     """Decode-only ceiling and DALI sweeps of ``hw_decoder_load`` and threads (CUDA and DALI only)."""
     if not cfg.device.startswith("cuda"):
         return {"skipped": "no CUDA device: decode-only ceiling and hw_decoder_load/thread sweeps need a GPU"}
-    from multiscale_dali.loaders import dali_installed
+    from multiscale_dali.pipelines.factory import dali_installed
 
     if not dali_installed():
         return {"skipped": "DALI is not installed"}
@@ -991,7 +991,7 @@ def benchmark_gpu(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _resolve_device(device: str) -> str:
-    from multiscale_dali.distributed import resolve_device
+    from multiscale_dali.training.distributed import resolve_device
 
     return str(resolve_device(device))
 

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from multiscale_dali.checkpoint import atomic_write_text
+from multiscale_dali.fileio import atomic_write_text
 from multiscale_dali.constants import METRICS_FILE, SUPERSEDED_METRICS_FILE
-from multiscale_dali.resume import BEST, CHECKPOINT_DIR
+from multiscale_dali.training.resume import BEST, CHECKPOINT_DIR
 
 
 class RunDirectoryError(ValueError):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from multiscale_dali.sample_data import build_cached, default_cache_dir
+from multiscale_dali.data.embedded import build_cached, default_cache_dir
 
 __all__ = [
     "DEFAULT_SYNTHETIC_SIZE",

@@ -8,11 +8,13 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from multiscale_dali.errors import ConfigError
 from multiscale_dali.constants import (
     BACKENDS,
     CONSISTENCY_TYPES,
@@ -23,8 +25,8 @@ from multiscale_dali.constants import (
     TASKS,
     TEACHERS,
 )
-from multiscale_dali.data import validate_fractions
-from multiscale_dali.schedule import constant_schedule
+from multiscale_dali.data.discovery import validate_fractions
+from multiscale_dali.pipelines.schedule import constant_schedule
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -35,19 +37,6 @@ BAD_FILE_POLICIES = ("error", "skip")
 # AMP may change too (a GPU run resumed on a CPU box): the GradScaler state is handled both ways.
 RESUME_MUTABLE_KEYS = frozenset({"epochs", "out", "workers", "checkpoint_every", "device", "on_bad_file", "amp",
                                  "scan"})
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; ``key`` is the field (the CLI shows it as ``--key-name``)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
 
 
 def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
@@ -200,11 +189,36 @@ def config_from_mapping(values: Mapping[str, Any], *, base: TrainConfig | None =
     return dataclasses.replace(base or TrainConfig(), **coerced)
 
 
+RECIPES_PACKAGE = "multiscale_dali.recipes"
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Name -> file of every recipe shipped with the package (the project's ``pipelines/`` folder)."""
+    root = importlib.resources.files(RECIPES_PACKAGE)
+    return {entry.name.removesuffix(".toml"): Path(str(entry))
+            for entry in sorted(root.iterdir(), key=lambda e: e.name) if entry.name.endswith(".toml")}
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A user's TOML file when ``name_or_path`` is one, else the bundled recipe of that name.
+
+    ``pipelines/X.toml`` (the checkout's spelling) also finds the bundled ``X`` from any directory, so
+    commands copied from the README work in a container or on a cluster where no checkout exists.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = bundled_recipes()
+    name = path.name.removesuffix(".toml")
+    if (path.suffix in ("", ".toml")) and (path.parent == Path(".") or path.parent.name == "pipelines") and name in bundled:
+        return bundled[name]
+    choices = ", ".join(bundled) or "none are installed"
+    raise ConfigError("config", f"recipe not found: {name_or_path} (not a file, nor a bundled recipe: {choices})")
+
+
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
-    """Read a TOML recipe: (its ``[train]`` table, its description)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("config", f"recipe file not found: {path}")
+    """Read a TOML recipe (a file or a bundled name): (its ``[train]`` table, its description)."""
+    path = resolve_recipe(path)
     try:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:

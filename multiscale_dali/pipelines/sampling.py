@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from multiscale_dali.loader_spec import LoaderSpec
+from multiscale_dali.pipelines.spec import LoaderSpec
 
 # Seed streams of derived_seed: the reader shuffle and the augmentations draw from independent ones.
 SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1

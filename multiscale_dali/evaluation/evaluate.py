@@ -34,16 +34,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from multiscale_dali.batch import MultiScaleBatch, normalize_nhwc_uint8
-from multiscale_dali.checkpoint import CheckpointError, load_checkpoint
-from multiscale_dali.config import ConfigError, TrainConfig, check_scales, config_from_mapping
+from multiscale_dali.pipelines.batch import MultiScaleBatch, normalize_nhwc_uint8
+from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
+from multiscale_dali.training.config import ConfigError, TrainConfig, check_scales, config_from_mapping
 from multiscale_dali.constants import EVAL_CROP_FRACTION, EVAL_FILE
-from multiscale_dali.data import DataError, DatasetSplits, SplitFiles, discover_dataset
-from multiscale_dali.loader_spec import LoaderSpec
-from multiscale_dali.losses import BINARY, base_loss, ensemble_logits, num_outputs, predict, probabilities
-from multiscale_dali.models import build_model
-from multiscale_dali.resume import run_dir_of
-from multiscale_dali.schedule import ScaleSchedule, constant_schedule
+from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
+from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.training.losses import BINARY, base_loss, ensemble_logits, num_outputs, predict, probabilities
+from multiscale_dali.models.registry import build_model
+from multiscale_dali.training.resume import run_dir_of
+from multiscale_dali.pipelines.schedule import ScaleSchedule, constant_schedule
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def resolve_data_root(loaded: LoadedModel, data: str | Path | None) -> Path:
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     if loaded.config.data is None:  # the embedded dataset: deterministic, so it can be rebuilt here
-        from multiscale_dali.app import dataset_root
+        from multiscale_dali.training.run import dataset_root
 
         return dataset_root(loaded.config)
     raise DataError(f"the run's dataset {recorded or loaded.config.data} is not here; give its location with --data")
@@ -287,7 +287,7 @@ def load_splits(loaded: LoadedModel, root: Path) -> DatasetSplits:
     Files the pre-flight scan finds unreadable are left out with a warning naming them (DALI cannot
     skip a bad file mid-pass); ``num_samples`` in the report shows what was measured.
     """
-    from multiscale_dali.app import vet_splits
+    from multiscale_dali.training.run import vet_splits
 
     splits = discover_dataset(root, fractions=loaded.config.split_fractions, seed=loaded.config.seed)
     if splits.classes != loaded.classes:
@@ -340,7 +340,7 @@ def _eval_spec(split: SplitFiles, scales: tuple[int, ...], *, options: EvalOptio
 def _batches_at(split: SplitFiles, scale: int, *, options: EvalOptions, loaded: LoadedModel,
                 backend: str) -> Iterator[MultiScaleBatch]:
     """One pass over ``split`` at one scale with the eval geometry; the loader is closed after it."""
-    from multiscale_dali.loaders import build_loader
+    from multiscale_dali.pipelines.factory import build_loader
 
     loader = build_loader(_eval_spec(split, (scale,), options=options, loaded=loaded), backend=backend)
     try:
@@ -388,8 +388,8 @@ def _collect_logits(models: Mapping[str, Mapping[int, nn.Module]], split: SplitF
 
 def evaluate_checkpoint(checkpoint: str | Path, *, options: EvalOptions) -> EvalReport:
     """Evaluate ``checkpoint`` on ``options.split`` at each of ``options.scales`` plus their ensemble."""
-    from multiscale_dali.distributed import resolve_device
-    from multiscale_dali.loaders import resolve_backend
+    from multiscale_dali.training.distributed import resolve_device
+    from multiscale_dali.pipelines.factory import resolve_backend
 
     device = resolve_device(options.device)
     backend = resolve_backend(options.backend)
@@ -456,8 +456,8 @@ def preprocess_image(path: str | Path, *, scales: Sequence[int], eval_crop_fract
 
     Centre crop, then each scale resized from the crop (as :func:`evaluate_checkpoint` measures it).
     """
-    from multiscale_dali.sampling import eval_crop_box
-    from multiscale_dali.torch_pipeline import load_rgb, resize_square
+    from multiscale_dali.pipelines.sampling import eval_crop_box
+    from multiscale_dali.pipelines.torchvision_backend import load_rgb, resize_square
 
     path = Path(path)
     if not path.is_file():

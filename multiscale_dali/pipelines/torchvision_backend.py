@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
-from multiscale_dali.batch import MultiScaleBatch, to_model_batch
-from multiscale_dali.loader_spec import LoaderSpec
-from multiscale_dali.sampling import (
+from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
+from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.sampling import (
     AUGMENT_STREAM,
     SHUFFLE_STREAM,
     check_loader_state,
@@ -184,7 +184,7 @@ class MultiScaleImageDataset(Dataset):
 
 
 class TorchvisionLoader:
-    """:class:`~multiscale_dali.loader_spec.Loader` on a torch ``DataLoader`` (no DALI needed).
+    """:class:`~multiscale_dali.pipelines.spec.Loader` on a torch ``DataLoader`` (no DALI needed).
 
     Every batch is a pure function of ``(spec, epoch, step)``, so the resume state is that position
     and nothing else.

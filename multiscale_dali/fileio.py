@@ -1,7 +1,7 @@
-"""Checkpoints that survive a kill at any moment and load with ``torch.load(weights_only=True)``.
+"""Files that survive a kill at any moment: write beside, fsync, rename over, fsync the directory.
 
-Only plain dicts, lists, numbers, strings and tensors go in: ``weights_only`` loading then refuses
-anything that would run code, so a tampered checkpoint cannot execute a pickle payload.
+Every file msdali writes that another process may read (checkpoints, manifests, results, metrics
+snapshots) goes through here.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the file."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -59,17 +55,3 @@ def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """UTF-8 text (JSON manifests, results) through :func:`atomic_write`."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``; any failure is a :class:`CheckpointError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, pickle payload refused, wrong format ...
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(payload, dict) or not ({"model", "trainer"} & set(payload)):
-        raise CheckpointError(f"{path} is not an msdali checkpoint (no 'model' or 'trainer' entry)")
-    return payload

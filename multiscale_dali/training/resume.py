@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from multiscale_dali.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
+from multiscale_dali.fileio import atomic_save
 
 log = logging.getLogger(__name__)
 

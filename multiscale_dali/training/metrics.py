@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from multiscale_dali.distributed import DistributedContext
+    from multiscale_dali.training.distributed import DistributedContext
 
 
 @dataclass

@@ -1,0 +1,2 @@
+"""``msdali benchmark``: loader throughput, training step speed and memory, machine description.
+"""

@@ -1,0 +1,2 @@
+"""The ``msdali`` command line: parse flags, call library code, print results.
+"""

@@ -1,0 +1,2 @@
+"""After training: evaluation of a checkpoint at every scale and prediction on image files.
+"""

@@ -1,0 +1,2 @@
+"""Networks by name: the model registry and its checks (no data, no training).
+"""

@@ -1,0 +1,2 @@
+"""The DALI backend: the only subpackage of msdali that imports ``nvidia.dali``.
+"""
