@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 # Channel statistics of ImageNet in the 0-255 range: the pipelines emit uint8 and normalisation
 # happens on the training device, so the statistics live in pixel units.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -11,8 +13,9 @@ IMAGENET_STD: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 25
 DEFAULT_CROP_AREA: tuple[float, float] = (0.25, 1.0)
 DEFAULT_CROP_ASPECT: tuple[float, float] = (3 / 4, 4 / 3)
 
-# Evaluation crops the centre: the image is resized so that its shorter side is
-# scale / EVAL_CROP_FRACTION, then a scale x scale centre crop is taken (224 / 256 in ImageNet terms).
+# Evaluation crops first, then resizes: the centre square of side EVAL_CROP_FRACTION x the shorter
+# side (floored, see pipelines.sampling.eval_crop_box) is cut out of the full image and resized to
+# each scale. The same region as ImageNet's "resize to 256, centre-crop 224" (224 / 256 = 0.875).
 EVAL_CROP_FRACTION: float = 0.875
 
 DEFAULT_SCALES: tuple[int, ...] = (64, 96, 128)
@@ -20,10 +23,47 @@ SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-BACKENDS: tuple[str, ...] = ("auto", "dali", "torchvision")
-MODES: tuple[str, ...] = ("multiscale", "progressive")
-TASKS: tuple[str, ...] = ("auto", "binary", "multiclass")
-CONSISTENCY_TYPES: tuple[str, ...] = ("kl_divergence", "js", "mse")
+
+# The choices of the configuration, each defined once. Members are str, so they compare equal to
+# the strings of a recipe or a config.json; BACKENDS, MODES, ... below list their plain-string values.
+class Backend(enum.StrEnum):
+    AUTO = "auto"
+    DALI = "dali"
+    TORCHVISION = "torchvision"
+
+
+class Mode(enum.StrEnum):
+    MULTISCALE = "multiscale"  # every scale every step
+    PROGRESSIVE = "progressive"  # one scale per epoch, growing with the schedule
+
+
+class Task(enum.StrEnum):
+    AUTO = "auto"  # binary for two classes, multiclass otherwise
+    BINARY = "binary"  # one logit, BCE
+    MULTICLASS = "multiclass"  # one logit per class, CE
+
+
+class ConsistencyType(enum.StrEnum):
+    KL_DIVERGENCE = "kl_divergence"
+    JS = "js"
+    MSE = "mse"
+
+
+class Teacher(enum.StrEnum):
+    """Consistency targets: the largest scale's prediction, or the mean of every scale's probabilities."""
+
+    LARGEST = "largest"
+    MEAN = "mean"
+
+
+# Plain strings, not the members: click.Choice (8.2+) matches an Enum member by its *name* ("DALI",
+# so `--backend dali` would be refused), and torch.load(weights_only=True) refuses enum objects, so
+# what reaches flags, configs and checkpoints is the value.
+BACKENDS: tuple[str, ...] = tuple(member.value for member in Backend)
+MODES: tuple[str, ...] = tuple(member.value for member in Mode)
+TASKS: tuple[str, ...] = tuple(member.value for member in Task)
+CONSISTENCY_TYPES: tuple[str, ...] = tuple(member.value for member in ConsistencyType)
+TEACHERS: tuple[str, ...] = tuple(member.value for member in Teacher)
 
 # Share of JPEG decoding DALI's mixed decoder sends to the hardware JPEG engines (A100/H100 and
 # later); the rest runs on the CUDA/CPU hybrid path. The benchmark sweeps it.
@@ -31,9 +71,6 @@ DEFAULT_HW_DECODER_LOAD: float = 0.65
 
 # Decompression-bomb cap, checked from image headers before any decode: Pillow's own default.
 DEFAULT_MAX_PIXELS: int = 89_478_485
-
-# Consistency targets: the largest scale's prediction, or the mean of every scale's probabilities.
-TEACHERS: tuple[str, ...] = ("largest", "mean")
 
 # Files of a run directory (here, not in run_directory.py, so torch-free readers such as plot.py
 # can import them).

@@ -14,7 +14,9 @@ from torchvision.transforms.v2 import functional as F
 pytest.importorskip("nvidia.dali")
 
 from conftest import make_jpeg_folder, make_spec, run_loader, to_uint8  # noqa: E402
-from multiscale_dali.pipelines.dali.pipeline import DaliLoader, ScheduledSizes, decode_only_pipeline  # noqa: E402
+from multiscale_dali.pipelines.dali.graph import ScheduledSizes  # noqa: E402
+from multiscale_dali.pipelines.dali.loader import DaliLoader  # noqa: E402
+from multiscale_dali.pipelines.dali.pipeline import decode_only_pipeline  # noqa: E402
 from multiscale_dali.pipelines.schedule import constant_schedule, stepwise_schedule  # noqa: E402
 
 PROGRESSIVE = stepwise_schedule({0: 32, 1: 48, 2: 64})

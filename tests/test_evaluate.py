@@ -18,18 +18,16 @@ from torch import nn
 from multiscale_dali.training.run import run_training
 from multiscale_dali.training.config import ConfigError, TrainConfig
 from multiscale_dali.data.discovery import DataError
-from multiscale_dali.evaluation.evaluate import (
+from multiscale_dali.evaluation.batchnorm import BatchNormRecalibration, recalibrate_batchnorm
+from multiscale_dali.evaluation.evaluate import EvalOptions, evaluate_checkpoint
+from multiscale_dali.evaluation.model import load_model
+from multiscale_dali.evaluation.predict import preprocess_image
+from multiscale_dali.evaluation.report import (
     AS_TRAINED,
     BN_RECALIBRATED,
     ENSEMBLE,
-    BatchNormRecalibration,
-    EvalOptions,
     default_eval_path,
-    evaluate_checkpoint,
     format_report,
-    load_model,
-    preprocess_image,
-    recalibrate_batchnorm,
     roc_auc,
 )
 from multiscale_dali.pipelines.spec import LoaderSpec
@@ -203,3 +201,13 @@ def test_dali_backend_measures_what_torchvision_measures(binary_run):
     # The backends' resize kernels differ by rounding only: at most one image may flip.
     assert abs(dali.rows[0].accuracy - torchvision.rows[0].accuracy) <= 1 / dali.num_samples + 1e-9
     assert dali.rows[0].loss == pytest.approx(torchvision.rows[0].loss, rel=0.05)
+
+
+def test_the_command_line_names_still_import_from_evaluate() -> None:
+    from multiscale_dali.evaluation import evaluate, model, predict, report
+
+    for name in ("default_eval_path", "format_report"):
+        assert getattr(evaluate, name) is getattr(report, name)
+    assert evaluate.load_model is model.load_model
+    for name in ("ImageError", "default_predict_scales", "predict_images"):
+        assert getattr(evaluate, name) is getattr(predict, name)

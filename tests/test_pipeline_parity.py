@@ -25,7 +25,7 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from conftest import make_jpeg_folder, make_spec, run_loader, synthetic_image, to_uint8  # noqa: E402
-from multiscale_dali.pipelines.dali.pipeline import DaliLoader  # noqa: E402
+from multiscale_dali.pipelines.dali.loader import DaliLoader  # noqa: E402
 from multiscale_dali.pipelines.spec import LoaderSpec  # noqa: E402
 from multiscale_dali.pipelines.schedule import constant_schedule, stepwise_schedule  # noqa: E402
 from multiscale_dali.pipelines.torchvision_backend import TorchvisionLoader  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from multiscale_dali.constants import Backend
 from multiscale_dali.errors import ConfigError
 from multiscale_dali.pipelines.spec import Loader, LoaderSpec
 
@@ -23,29 +24,32 @@ def dali_installed() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """``auto`` -> ``dali`` when it imports, else ``torchvision``; ``dali`` without DALI is an error."""
-    if backend == "auto":
-        chosen = "dali" if dali_installed() else "torchvision"
-        log.info("backend auto: using %s%s", chosen, "" if chosen == "dali" else f" ({DALI_INSTALL_HINT})")
-        return chosen
-    if backend == "dali" and not dali_installed():
+    """``auto`` -> ``dali`` when it imports, else ``torchvision``; ``dali`` without DALI is an error.
+
+    Returns the plain string (``Backend.X.value``): it is recorded in configs and checkpoints.
+    """
+    if backend == Backend.AUTO:
+        chosen = Backend.DALI if dali_installed() else Backend.TORCHVISION
+        log.info("backend auto: using %s%s", chosen, "" if chosen == Backend.DALI else f" ({DALI_INSTALL_HINT})")
+        return chosen.value
+    if backend == Backend.DALI and not dali_installed():
         raise ConfigError("backend", DALI_INSTALL_HINT)
-    if backend not in ("dali", "torchvision"):
-        raise ConfigError("backend", f"unknown backend {backend!r}; choose from auto, dali, torchvision")
-    return backend
+    if backend not in (Backend.DALI, Backend.TORCHVISION):
+        raise ConfigError("backend", f"unknown backend {backend!r}; choose from {', '.join(Backend)}")
+    return Backend(backend).value
 
 
 def build_loader(spec: LoaderSpec, *, backend: str) -> Loader:
     """A loader of ``backend`` (already resolved: ``dali`` or ``torchvision``) for ``spec``."""
-    if backend == "dali":
-        from multiscale_dali.pipelines.dali.pipeline import DaliLoader
+    if backend == Backend.DALI:
+        from multiscale_dali.pipelines.dali.loader import DaliLoader
 
         return DaliLoader(spec)
-    if backend == "torchvision":
+    if backend == Backend.TORCHVISION:
         from multiscale_dali.pipelines.torchvision_backend import TorchvisionLoader
 
         return TorchvisionLoader(spec)
-    raise ValueError(f"unknown backend {backend!r}; choose from dali, torchvision")
+    raise ValueError(f"unknown backend {backend!r}; choose from {Backend.DALI}, {Backend.TORCHVISION}")
 
 
 def dali_version() -> str | None:

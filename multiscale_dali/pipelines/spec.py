@@ -1,13 +1,14 @@
 """What a loader is asked to produce, independent of the backend that produces it.
 
-Both backends (``dali_pipeline.DaliLoader`` and ``torch_pipeline.TorchvisionLoader``) take a
+Both backends (``dali.loader.DaliLoader`` and ``torchvision_backend.TorchvisionLoader``) take a
 :class:`LoaderSpec` and implement :class:`Loader`; trainers only ever see :class:`Loader`.
 
 Image geometry shared by both backends (the parity test holds them to it):
 
 * train: one random resized crop per sample (area fraction in ``crop_area``, aspect ratio in
   ``crop_aspect``) and one horizontal flip with probability 0.5, shared by every scale;
-* eval: one centre square crop of side ``eval_crop_fraction * min(H, W)``, no flip;
+* eval: one centre square crop of side ``eval_crop_fraction * min(H, W)`` (floored) cut from the
+  full image, no flip;
 * the crop is resized (antialiased, bilinear) to the largest scale of the epoch; every smaller
   scale is resized from that largest output, so all scales show exactly the same region.
 """

@@ -1,7 +1,7 @@
 """The torchvision fallback backend, with the DALI backend's semantics.
 
 Each sample is decoded once, cropped once and flipped once; the crop is resized to the largest scale
-of the epoch and every smaller scale is resized from that output (see ``loader_spec`` for the rules).
+of the epoch and every smaller scale is resized from that output (see ``spec`` for the rules).
 
 Workers hold no state that changes between epochs: the main-process batch sampler hands each worker
 ``(index, epoch, scales)`` keys, and every random draw of a sample is seeded from
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
+from multiscale_dali.constants import Backend
 from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
 from multiscale_dali.pipelines.spec import LoaderSpec
 from multiscale_dali.pipelines.sampling import (
@@ -190,7 +191,8 @@ class TorchvisionLoader:
     and nothing else.
     """
 
-    backend = "torchvision"
+    # The plain string: it goes into loader states, which torch.load(weights_only=True) must read.
+    backend = Backend.TORCHVISION.value
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
