@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -15,27 +16,25 @@ import pytest
 import torch
 from PIL import Image
 
-from multiscale_dali.benchmark import core as benchmark
-from multiscale_dali.pipelines.batch import MultiScaleBatch
-from multiscale_dali.benchmark.core import (
+from multiscale_dali.benchmark import baseline, report
+from multiscale_dali.benchmark.baseline import BaselineLoader
+from multiscale_dali.benchmark.config import (
     BASELINE,
     DALI,
     DALI_1SCALE,
     TORCHVISION,
-    BaselineLoader,
-    Window,
-    compute_ratios,
+    BenchConfig,
     default_worker_counts,
-    evaluate_goals,
-    format_report,
-    loader_trial,
     repeat_to_fill,
-    run_benchmark,
-    run_interleaved,
     samples_needed,
-    summarize,
-    throughput,
 )
+from multiscale_dali.benchmark.core import format_report, run_benchmark
+from multiscale_dali.benchmark.goals import compute_ratios, evaluate_goals
+from multiscale_dali.benchmark.gpu import dali_sweeps
+from multiscale_dali.benchmark.loaders import loader_trial
+from multiscale_dali.benchmark.measure import Trial, Window, run_interleaved, summarize, throughput
+from multiscale_dali.benchmark.memory import probe_env
+from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.pipelines.spec import LoaderSpec
 from multiscale_dali.pipelines.factory import dali_installed
 from multiscale_dali.pipelines.schedule import constant_schedule
@@ -202,11 +201,11 @@ def test_run_interleaved_alternates_cases_and_records_failures() -> None:
     order: list[str] = []
 
     def case(name: str):
-        def run() -> benchmark.Trial:
+        def run() -> Trial:
             order.append(name)
             if name == "bad":
                 raise RuntimeError("no hardware decoder")
-            return benchmark.Trial(first_batch_s=0.1, window=Window(images=4, batches=1, seconds=1.0))
+            return Trial(first_batch_s=0.1, window=Window(images=4, batches=1, seconds=1.0))
         return run
 
     results = run_interleaved({"a": case("a"), "bad": case("bad"), "b": case("b")}, rounds=3,
@@ -218,6 +217,13 @@ def test_run_interleaved_alternates_cases_and_records_failures() -> None:
         run_interleaved({"bad": case("bad")}, rounds=1)
 
 
+def test_memory_probe_imports_this_copy_of_the_package() -> None:
+    import multiscale_dali
+
+    first = probe_env()["PYTHONPATH"].split(os.pathsep)[0]
+    assert Path(first) / "multiscale_dali" == Path(multiscale_dali.__file__).resolve().parent
+
+
 def _tiny_spec(folder: Path, *, workers: int = 0) -> LoaderSpec:
     files = tuple(sorted(str(p) for p in folder.rglob("*.jpg")))
     return LoaderSpec(files=files, labels=tuple(int(Path(f).parent.name[-2:]) for f in files),
@@ -226,13 +232,13 @@ def _tiny_spec(folder: Path, *, workers: int = 0) -> LoaderSpec:
 
 def test_baseline_decodes_the_file_once_per_scale(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real_open = benchmark.open_rgb
+    real_open = baseline.open_rgb
 
     def counting_open(path: str) -> Image.Image:
         calls.append(path)
         return real_open(path)
 
-    monkeypatch.setattr(benchmark, "open_rgb", counting_open)
+    monkeypatch.setattr(baseline, "open_rgb", counting_open)
     loader = BaselineLoader(_tiny_spec(tiny_folder))
     try:
         batches = list(loader.epoch(0))
@@ -252,15 +258,15 @@ def test_dali_sweeps_and_decode_only_run_on_cpu(tiny_folder: Path) -> None:
     files = tuple(sorted(str(p) for p in tiny_folder.rglob("*.jpg")))
     files, labels = repeat_to_fill(files, [0] * len(files), min_samples=samples_needed(batch_size=BATCH, warmup=1,
                                                                                         iters=2))
-    cfg = benchmark.BenchConfig(files=files, labels=labels, num_classes=2, scales=SCALES, batch_size=BATCH,
-                                device="cpu", iters=2, warmup=1, repeats=2, worker_counts=(0,), dali_threads=2)
-    gpu = benchmark.dali_sweeps(cfg, threads=(1, 2), hw_decoder_loads=(0.65,))
+    cfg = BenchConfig(files=files, labels=labels, num_classes=2, scales=SCALES, batch_size=BATCH,
+                      device="cpu", iters=2, warmup=1, repeats=2, worker_counts=(0,), dali_threads=2)
+    gpu = dali_sweeps(cfg, threads=(1, 2), hw_decoder_loads=(0.65,))
     assert _positive_stats(gpu["decode_only"]["images_per_s"])
     assert sorted((p["threads"], p["hw_decoder_load"]) for p in gpu["sweep"]) == [(1, 0.65), (2, 0.65)]
     assert all(_positive_stats(p["images_per_s"]) and len(p["windows"]) == 2 for p in gpu["sweep"])
     results = {**_fake_results("cuda:0"), "gpu": gpu}
     assert compute_ratios(results)["dali_vs_decode_only"] > 0
-    assert "decode only" in benchmark._gpu_lines(results)[-len(gpu["sweep"]) - 1]
+    assert "decode only" in report._gpu_lines(results)[-len(gpu["sweep"]) - 1]
 
 
 def test_run_benchmark_rejects_bad_arguments(tiny_folder: Path) -> None:

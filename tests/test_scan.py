@@ -66,7 +66,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(os.path.basename(os.fspath(fp)))
         return real_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(scan.Image, "open", spy)
+    monkeypatch.setattr(Image, "open", spy)
     return calls
 
 
@@ -221,7 +221,7 @@ def test_cache_skips_unchanged_files_and_rechecks_changed_ones(
 def test_corrupt_cache_is_ignored(paths: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = tmp_path / "scan.json"
     cache.write_text('{"format": "multiscale_dali.data.scan/manifest", "entr')  # torn by a crash
-    with caplog.at_level(logging.WARNING, logger="multiscale_dali.data.scan"):
+    with caplog.at_level(logging.WARNING, logger="multiscale_dali.data.scan.cache"):
         result = scan_files([paths["rgb.jpg"]], cache_path=cache)
     assert result.cached_count == 0 and result.reports[0].kind == "ok"
     assert any(str(cache) in message for message in caplog.messages)
@@ -250,7 +250,7 @@ def test_filter_good_keeps_labels_aligned(
     names = ["rgb.jpg", "truncated.jpg", "cmyk.jpg", "zero.jpg", "bomb.png", "rgba.png", "text.jpg"]
     labels = [0, 0, 1, 1, 2, 2, 3]
     monkeypatch.chdir(Path(paths["rgb.jpg"]).parent)  # relative paths are matched too
-    with caplog.at_level(logging.WARNING, logger="multiscale_dali.data.scan"):
+    with caplog.at_level(logging.WARNING, logger="multiscale_dali.data.scan.tree"):
         files, kept = filter_good(names, labels, result)
     assert files == ("rgb.jpg", "cmyk.jpg", "rgba.png")
     assert kept == (0, 1, 2)
