@@ -27,7 +27,7 @@ JPEG that nvJPEG (and the hardware JPEG decoder) can take. The manifest lists ea
 Shuffling: DALI's webdataset reader, like any streaming tar reader, shuffles only inside a buffer
 of ``initial_fill`` samples that it fills sequentially: a sample can only meet samples stored
 within about that distance of it, and stored order leaks into the batches (a class-sorted pack
-with a 1,000-sample buffer gives single-class batches). A full permutation, as the folder loaders
+with a 1,000-sample buffer gives batches of one or two classes). A full permutation, as the folder loaders
 draw every epoch, has no such memory. So the pack applies one full, seeded permutation per split
 when it writes; the readers' per-epoch buffer shuffle then only has to vary the order between
 epochs, not to mix classes. The remaining difference to a per-epoch full permutation: which
