@@ -56,7 +56,8 @@ def test_soft_cross_entropy_with_hard_or_smoothed_targets_is_torchs_cross_entrop
     one_hot = smooth_targets(LABELS, smoothing=0.0, task="multiclass", num_classes=4)
     smoothed = smooth_targets(LABELS, smoothing=0.1, task="multiclass", num_classes=4)
     torch.testing.assert_close(soft_cross_entropy(logits, one_hot), base_loss(logits, LABELS, task="multiclass"))
-    torch.testing.assert_close(soft_cross_entropy(logits, smoothed), F.cross_entropy(logits, LABELS, label_smoothing=0.1))
+    torch.testing.assert_close(soft_cross_entropy(logits, smoothed),
+                               F.cross_entropy(logits, LABELS, label_smoothing=0.1))
 
 
 def test_binary_soft_loss_with_hard_targets_is_the_plain_binary_loss():
@@ -64,7 +65,8 @@ def test_binary_soft_loss_with_hard_targets_is_the_plain_binary_loss():
     labels = torch.tensor([0, 1, 1, 0, 1, 0])
     hard = smooth_targets(labels, smoothing=0.0, task="binary", num_classes=2)
     torch.testing.assert_close(bce_with_soft_targets(logit, hard), base_loss(logit, labels, task="binary"))
-    torch.testing.assert_close(soft_base_loss(logit[:, 0], hard, task="binary"), base_loss(logit, labels, task="binary"))
+    torch.testing.assert_close(soft_base_loss(logit[:, 0], hard, task="binary"),
+                               base_loss(logit, labels, task="binary"))
 
 
 def test_a_soft_target_pulls_the_prediction_toward_itself():
