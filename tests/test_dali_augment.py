@@ -114,3 +114,23 @@ def test_checkpointed_pipeline_replays_augmented_batches_with_a_per_batch_size_n
     assert [e[0].shape[1] for e in expected] == [48, 64, 64]
     for want, got in zip(expected, replayed):
         assert all(np.array_equal(w, g) for w, g in zip(want, got))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_images_augment_with_a_cpu_size_node(jpeg_folder):
+    """The production placement: mixed decode, GPU images, the [s, s] size node on the CPU."""
+    files, _ = jpeg_folder
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=0, seed=2, enable_conditionals=True)
+    def pipe():
+        encoded, _ = fn.readers.file(files=files)
+        size = fn.external_source(source=lambda: [np.array([LARGE, LARGE], dtype=np.float32)] * 8, batch=True)
+        large = fn.resize(fn.decoders.image(encoded, device="mixed"), size=size)
+        return large, auto_augment(large, AutoAugmentSpec("rand", 2, 9), shape=size)
+
+    built = pipe()
+    built.build()
+    plain, augmented = [np.array(out.as_cpu().as_tensor()) for out in built.run()]
+    assert augmented.shape == (8, LARGE, LARGE, 3)
+    assert _changed(augmented, plain).mean() > 0.5
