@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import make_jpeg_folder, make_spec, run_loader
+from conftest import make_jpeg_folder, make_spec, run_loader, to_uint8
 from multiscale_dali.pipelines.factory import build_loader
 from multiscale_dali.pipelines.schedule import constant_schedule
 
@@ -45,3 +45,30 @@ def test_train_shuffle_differs_across_epochs_and_repeats_for_a_fixed_seed(tmp_pa
     assert first[0] != first[1]
     assert first != orders(seed=8)
     assert all(sorted(order) == ids for order in first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", ["trivial", "rand"])
+def test_auto_augment_draws_once_per_sample_and_every_scale_shows_that_draw(tmp_path, backend, policy):
+    from multiscale_dali.pipelines.augment import AutoAugmentSpec
+    from multiscale_dali.pipelines.torchvision_backend import resize_square
+
+    files, _ = make_jpeg_folder(tmp_path, classes=1, per_class=16)
+    ids = list(range(len(files)))
+
+    def epoch_images(augment):
+        spec = make_spec(files, ids, train=True, seed=3, schedule=constant_schedule([24, 48]), num_workers=0,
+                         batch_size=16, auto_augment=AutoAugmentSpec(policy=augment))
+        (batches,) = run_loader(lambda s: build_loader(s, backend=backend), spec, [0])
+        (batch,) = batches
+        order = batch.labels.argsort()
+        return {s: to_uint8(batch.images[s][order]) for s in batch.scales}
+
+    plain, augmented = epoch_images("none"), epoch_images(policy)
+    # The smaller scale is the largest one (as augmented) resized: one draw serves every scale.
+    for images in (plain, augmented):
+        resized = torch.stack([resize_square(img, 24) for img in images[48]]).float()
+        assert (resized - images[24].float()).abs().mean() < 2.0
+    # The augmentation changed most samples (a draw can be an identity op, so not necessarily all).
+    changed = [(a.float() - p.float()).abs().mean() > 1.0 for a, p in zip(augmented[48], plain[48])]
+    assert sum(changed) >= len(changed) // 2

@@ -17,7 +17,7 @@ import torch
 from multiscale_dali.pipelines.spec import LoaderSpec
 
 # Seed streams of derived_seed: the reader shuffle and the augmentations draw from independent ones.
-SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1
+SHUFFLE_STREAM, AUGMENT_STREAM, AUTO_AUGMENT_STREAM = 0, 1, 2
 
 
 def derived_seed(seed: int, epoch: int, *, stream: int) -> int:

@@ -26,6 +26,7 @@ from multiscale_dali.constants import (
     DEFAULT_HW_DECODER_LOAD,
     EVAL_CROP_FRACTION,
 )
+from multiscale_dali.pipelines.augment import AutoAugmentSpec
 from multiscale_dali.pipelines.schedule import ScaleSchedule
 
 
@@ -48,6 +49,9 @@ class LoaderSpec:
     eval_crop_fraction: float = EVAL_CROP_FRACTION
     # DALI only: the share of JPEG decoding sent to the hardware decoder on GPUs that have one.
     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
+    # Train only: one automatic-augmentation draw per sample on the largest scale, before the smaller
+    # scales are resized from it, so every scale shows the same augmented image.
+    auto_augment: AutoAugmentSpec = AutoAugmentSpec()
 
     def __post_init__(self) -> None:
         if len(self.files) != len(self.labels):

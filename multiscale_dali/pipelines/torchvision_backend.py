@@ -28,8 +28,10 @@ from torchvision.transforms.v2 import functional as F
 from multiscale_dali.constants import Backend
 from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
 from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.augment import build_tv_auto_augment
 from multiscale_dali.pipelines.sampling import (
     AUGMENT_STREAM,
+    AUTO_AUGMENT_STREAM,
     SHUFFLE_STREAM,
     check_loader_state,
     derived_seed,
@@ -156,6 +158,7 @@ class MultiScaleImageDataset(Dataset):
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
+        self._auto_augment = build_tv_auto_augment(spec.auto_augment)
 
     def __len__(self) -> int:
         return len(self.spec.files)
@@ -167,10 +170,17 @@ class MultiScaleImageDataset(Dataset):
         largest = resize_square(crop, scales[-1])
         if flip:
             largest = largest.flip(-1)
+        if self.spec.train and self.spec.auto_augment.enabled:
+            largest = self._auto_augment(largest, seed=self._auto_augment_seed(epoch, index))
         # Smaller scales come from the largest output: the same region, and far fewer pixels to filter.
         outputs = {s: resize_square(largest, s) for s in scales[:-1]}
         outputs[scales[-1]] = largest
         return {s: t.permute(1, 2, 0).contiguous() for s, t in outputs.items()}, int(self.spec.labels[index])
+
+    def _auto_augment_seed(self, epoch: int, index: int) -> int:
+        # A stream of its own: turning augmentation on leaves the crops and flips of every sample as they were.
+        stream = derived_seed(self.spec.seed, epoch, stream=AUTO_AUGMENT_STREAM)
+        return int(np.random.default_rng([stream, index]).integers(2**63))
 
     def _crop_and_flip(self, image: torch.Tensor, epoch: int, index: int) -> tuple[torch.Tensor, bool]:
         height, width = image.shape[-2:]

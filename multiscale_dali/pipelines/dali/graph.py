@@ -28,6 +28,8 @@ from nvidia.dali.pipeline import DataNode
 from nvidia.dali.types import BatchInfo
 
 from multiscale_dali.constants import DEFAULT_HW_DECODER_LOAD
+from multiscale_dali.pipelines.augment import AutoAugmentSpec
+from multiscale_dali.pipelines.dali.augment import auto_augment
 from multiscale_dali.pipelines.sampling import SHUFFLE_STREAM, derived_seed, eval_crop_ratio, padded_sample_order
 from multiscale_dali.pipelines.schedule import ScaleSchedule
 from multiscale_dali.pipelines.spec import LoaderSpec
@@ -106,6 +108,17 @@ class GraphSpec:
     constant_scales: tuple[int, ...] | None
     sizes: ScheduledSizes
     placement: Placement
+    auto_augment: AutoAugmentSpec = AutoAugmentSpec()
+
+    @property
+    def train_augment(self) -> AutoAugmentSpec | None:
+        """The automatic augmentation of this graph: train only, None when off."""
+        return self.auto_augment if self.train and self.auto_augment.enabled else None
+
+    @property
+    def needs_conditionals(self) -> bool:
+        """DALI's automatic augmentations choose their operation per sample with ``if`` in the graph."""
+        return self.train_augment is not None
 
 
 def iterations_per_epoch(spec: LoaderSpec) -> int:
@@ -144,6 +157,7 @@ def graph_for(spec: LoaderSpec, *, first_epoch: int) -> GraphSpec:
             first_epoch=first_epoch,
         ),
         placement=placement_for(spec.device, hw_decoder_load=spec.hw_decoder_load),
+        auto_augment=spec.auto_augment,
     )
 
 
@@ -217,9 +231,13 @@ def resize(image: DataNode, size) -> DataNode:
     return fn.resize(image, size=size, antialias=True, interp_type=types.INTERP_LINEAR)
 
 
-def resize_cascade(crop: DataNode, sizes: Sequence, flip: DataNode | None) -> list[DataNode]:
-    """Largest scale from the crop, the others from the largest: one region, one flip, cheap resizes."""
+def resize_cascade(crop: DataNode, sizes: Sequence, flip: DataNode | None,
+                   augment: AutoAugmentSpec | None = None) -> list[DataNode]:
+    """Largest scale from the crop, the others from the largest: one region, one flip, one augmentation
+    draw (when ``augment`` is on), cheap resizes."""
     largest = resize(crop, sizes[-1])
     if flip is not None:
         largest = fn.flip(largest, horizontal=flip)
+    if augment is not None:
+        largest = auto_augment(largest, augment, shape=sizes[-1])
     return [resize(largest, size) for size in sizes[:-1]] + [largest]

@@ -65,6 +65,7 @@ def _build_pipeline(spec: LoaderSpec, *, first_epoch: int, checkpoint: bytes | N
         seed=derived_seed(spec.seed, first_epoch, stream=AUGMENT_STREAM),
         # Only training needs it: eval replays without state, and checkpointing has a cost.
         enable_checkpointing=spec.train,
+        enable_conditionals=graph.needs_conditionals,
         checkpoint=checkpoint,
     )
 

@@ -33,7 +33,7 @@ def multiscale_pipeline(graph: GraphSpec) -> tuple[DataNode, ...]:
     encoded, positions = read_files(graph)
     crop = decode_crop(encoded, graph)
     flip = random_flip(graph)
-    return (*resize_cascade(crop, scale_sizes(graph), flip), positions)
+    return (*resize_cascade(crop, scale_sizes(graph), flip, graph.train_augment), positions)
 
 
 @pipeline_def
