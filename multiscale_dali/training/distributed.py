@@ -113,6 +113,21 @@ class DistributedContext:
             dist.broadcast(buffer.data, src=0)
 
 
+def check_ranks_agree(context: DistributedContext, what: str, value: Any) -> None:
+    """Every rank must hold the same ``value`` (plain data); a collective, cheap, run at start-up.
+
+    Ranks that disagree about the data or the checkpoint would shard different lists or resume from
+    different places and train on silently wrong data; fail before the first step instead.
+    """
+    values = context.all_gather_object(value)
+    if any(v != values[0] for v in values[1:]):
+        raise DistributedError(
+            f"the {context.world_size} ranks disagree about {what}: "
+            + "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            + ". Every node must see the same --data and --out (a shared filesystem) and the same flags."
+        )
+
+
 def _env_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
     value = environ.get(name)
     if value is None:

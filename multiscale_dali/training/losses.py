@@ -18,6 +18,7 @@ as a two-class Bernoulli distribution ``[1 - p, p]`` so that every divergence ha
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -208,6 +209,62 @@ def consistency_divergence(
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LossValues:
+    """One step's loss terms as Python floats, for logging and the finiteness check."""
+
+    base: dict[int, float]  # mean base loss per scale
+    mean_base: float  # their mean: the objective's base term
+    consistency: float  # 0.0 when the step had no consistency term
+    total: float
+
+    def as_components(self) -> dict[str, float]:
+        """The flat names ``metrics.jsonl`` and checkpoints use: base, consistency, total, base_<scale>."""
+        components = {"base": self.mean_base, "consistency": self.consistency, "total": self.total}
+        components.update({f"base_{scale}": value for scale, value in self.base.items()})
+        return components
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """One step's objective and its terms, on the device: reading them is a device sync (see :meth:`read`)."""
+
+    base: Mapping[int, torch.Tensor]  # mean base loss per scale, in ascending scale order
+    consistency: torch.Tensor | None  # None: no consistency term (one scale, or weight 0)
+    total: torch.Tensor  # what the step backpropagates (attached in a one-graph step)
+
+    @classmethod
+    def from_shares(cls, shares: Mapping[int, "ScaleShare"], total: torch.Tensor) -> "StepLosses":
+        """The terms of a step run one scale at a time; ``total``: the sum of the shares' totals."""
+        scales = sorted(shares)
+        divergences = [shares[s].divergence for s in scales if shares[s].divergence is not None]
+        return cls(base={s: shares[s].base.detach() for s in scales},
+                   consistency=torch.stack([d.detach() for d in divergences]).mean() if divergences else None,
+                   total=total)
+
+    def read(self) -> LossValues:
+        """Every number in one device->host transfer instead of one sync per ``.item()``.
+
+        float32 rather than float64 because some backends (MPS) have no float64.
+        """
+        scales = list(self.base)
+        per_scale = [self.base[s] for s in scales]
+        mean_base = torch.stack(per_scale).mean()
+        consistency = mean_base.new_zeros(()) if self.consistency is None else self.consistency
+        logged = torch.stack([t.detach().float() for t in (mean_base, consistency, self.total, *per_scale)]).tolist()
+        return LossValues(base=dict(zip(scales, logged[3:])), mean_base=logged[0], consistency=logged[1],
+                          total=logged[2])
+
+
+@dataclass(frozen=True)
+class ScaleShare:
+    """One scale's share of the objective, for a step that holds one scale's graph at a time."""
+
+    base: torch.Tensor  # the scale's mean base loss
+    divergence: torch.Tensor | None  # D(scale || teacher); None for the teacher itself or without consistency
+    total: torch.Tensor  # base / S, plus w / (S - 1) * divergence for a student: what to backpropagate
+
+
 class ScaleConsistencyLoss(torch.nn.Module):
     """Base loss averaged over scales plus a weighted scale-consistency term.
 
@@ -260,44 +317,93 @@ class ScaleConsistencyLoss(torch.nn.Module):
     def _divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return consistency_divergence(student, teacher, task=self.task, kind=self.consistency_type)
 
-    def forward(
-        self, logits_by_scale: Mapping[int, torch.Tensor], labels: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return ``(total, components)``; components hold ``base``, ``base_<scale>``,
-        ``consistency`` and ``total`` as floats for logging."""
+    def step_losses(self, logits_by_scale: Mapping[int, torch.Tensor], labels: torch.Tensor) -> StepLosses:
+        """The step's objective and its terms, on the device (no host sync); ``total`` keeps its graph."""
         if not logits_by_scale:
             raise ValueError("logits_by_scale is empty: at least one scale is required")
         scales = sorted(logits_by_scale)
         per_scale = [base_loss(logits_by_scale[s], labels, task=self.task) for s in scales]
         base = torch.stack(per_scale).mean()
-
-        if self._consistency_active(len(scales)):
-            if self.teacher == TEACHER_LARGEST:
-                teacher_logits = logits_by_scale[scales[-1]]
-                students = scales[:-1]
-            else:
-                teacher_logits = ensemble_logits(
-                    [logits_by_scale[s] for s in scales], task=self.task
-                )
-                students = scales
-            if self.detach_teacher:
-                teacher_logits = teacher_logits.detach()
-            consistency = torch.stack(
-                [self._divergence(logits_by_scale[s], teacher_logits) for s in students]
-            ).mean()
-            total = base + self.consistency_weight * consistency
+        if not self._consistency_active(len(scales)):
+            return StepLosses(base=dict(zip(scales, per_scale)), consistency=None, total=base)
+        if self.teacher == TEACHER_LARGEST:
+            teacher_logits = logits_by_scale[scales[-1]]
+            students = scales[:-1]
         else:
-            consistency = base.detach().new_zeros(())
-            total = base
+            teacher_logits = ensemble_logits([logits_by_scale[s] for s in scales], task=self.task)
+            students = scales
+        if self.detach_teacher:
+            teacher_logits = teacher_logits.detach()
+        consistency = torch.stack([self._divergence(logits_by_scale[s], teacher_logits) for s in students]).mean()
+        return StepLosses(base=dict(zip(scales, per_scale)), consistency=consistency,
+                          total=base + self.consistency_weight * consistency)
 
-        # One device->host transfer for every logged number instead of one sync per .item();
-        # float32 rather than float64 because some backends (MPS) have no float64.
-        logged = torch.stack(
-            [t.detach().float() for t in (base, consistency, total, *per_scale)]
-        ).tolist()
-        components = {"base": logged[0], "consistency": logged[1], "total": logged[2]}
-        components.update({f"base_{s}": value for s, value in zip(scales, logged[3:])})
-        return total, components
+    def forward(
+        self, logits_by_scale: Mapping[int, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return ``(total, components)``; components hold ``base``, ``base_<scale>``,
+        ``consistency`` and ``total`` as floats for logging (one host read, see :meth:`StepLosses.read`)."""
+        losses = self.step_losses(logits_by_scale, labels)
+        return losses.total, losses.read().as_components()
+
+    def scale_share(
+        self,
+        scale_logits: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_target: torch.Tensor | None,
+        *,
+        num_scales: int,
+        is_teacher: bool,
+    ) -> ScaleShare:
+        """One scale's share of :meth:`forward`'s total, for a step that holds one scale's graph at a time.
+
+        With ``S = num_scales`` and ``w`` the consistency weight, the term is::
+
+            teacher (largest) scale:  base_s / S
+            every other scale:        base_s / S + w / (S - 1) * D(scale || teacher_target)
+
+        ``teacher_target`` (the largest scale's logits; ignored, may be ``None``, for the teacher
+        itself) is detached here, so each term's graph ends at its own scale. The terms therefore
+        totals sum to ``forward(...)[0]``, and backpropagating each one separately accumulates exactly
+        the gradients of ``forward()`` with ``teacher="largest"`` and ``detach_teacher=True``,
+        while only one scale's activations are alive at a time. A trainer runs the largest scale
+        first::
+
+            teacher = None
+            for i, scale in enumerate(sorted(images, reverse=True)):
+                logits = model(images[scale])
+                loss.scale_share(logits, labels, teacher, num_scales=S, is_teacher=i == 0).total.backward()
+                if i == 0:
+                    teacher = logits.detach()
+
+        With consistency active (weight > 0, several scales) any other configuration raises: a
+        ``"mean"`` teacher needs every scale's logits before the first term, and an attached
+        teacher needs the teacher's graph kept alive. At weight 0 every configuration works.
+        """
+        if num_scales < 1:
+            raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+        base = base_loss(scale_logits, labels, task=self.task)
+        term = base / num_scales
+        if not self._consistency_active(num_scales):
+            # Without a consistency term the objective is separable whatever the teacher setting.
+            return ScaleShare(base=base, divergence=None, total=term)
+        if self.teacher != TEACHER_LARGEST or not self.detach_teacher:
+            raise ValueError(
+                "one scale at a time reproduces forward() only with teacher='largest' and detach_teacher=True "
+                f"when consistency is active, got teacher={self.teacher!r}, "
+                f"detach_teacher={self.detach_teacher} (consistency_weight={self.consistency_weight})"
+            )
+        if is_teacher:
+            return ScaleShare(base=base, divergence=None, total=term)
+        if teacher_target is None:
+            raise ValueError(
+                "teacher_target is required for a non-teacher scale when consistency is active "
+                f"(consistency_weight={self.consistency_weight}, num_scales={num_scales})"
+            )
+        num_students = num_scales - 1
+        divergence = self._divergence(scale_logits, teacher_target.detach())
+        return ScaleShare(base=base, divergence=divergence,
+                          total=term + (self.consistency_weight / num_students) * divergence)
 
     def scale_term(
         self,
@@ -308,50 +414,6 @@ class ScaleConsistencyLoss(torch.nn.Module):
         num_scales: int,
         is_teacher: bool,
     ) -> torch.Tensor:
-        """One scale's share of :meth:`forward`'s total, for a step that holds one scale's graph at a time.
-
-        With ``S = num_scales`` and ``w`` the consistency weight, the term is::
-
-            teacher (largest) scale:  base_s / S
-            every other scale:        base_s / S + w / (S - 1) * D(scale || teacher_target)
-
-        ``teacher_target`` (the largest scale's logits; ignored, may be ``None``, for the teacher
-        itself) is detached here, so each term's graph ends at its own scale. The terms therefore
-        sum to ``forward(...)[0]``, and backpropagating each one separately accumulates exactly
-        the gradients of ``forward()`` with ``teacher="largest"`` and ``detach_teacher=True``,
-        while only one scale's activations are alive at a time. A trainer runs the largest scale
-        first::
-
-            teacher = None
-            for i, scale in enumerate(sorted(images, reverse=True)):
-                logits = model(images[scale])
-                loss.scale_term(logits, labels, teacher, num_scales=S, is_teacher=i == 0).backward()
-                if i == 0:
-                    teacher = logits.detach()
-
-        With consistency active (weight > 0, several scales) any other configuration raises: a
-        ``"mean"`` teacher needs every scale's logits before the first term, and an attached
-        teacher needs the teacher's graph kept alive. At weight 0 every configuration works.
-        """
-        if num_scales < 1:
-            raise ValueError(f"num_scales must be >= 1, got {num_scales}")
-        term = base_loss(scale_logits, labels, task=self.task) / num_scales
-        if not self._consistency_active(num_scales):
-            # Without a consistency term the objective is separable whatever the teacher setting.
-            return term
-        if self.teacher != TEACHER_LARGEST or not self.detach_teacher:
-            raise ValueError(
-                "scale_term reproduces forward() only with teacher='largest' and detach_teacher=True "
-                f"when consistency is active, got teacher={self.teacher!r}, "
-                f"detach_teacher={self.detach_teacher} (consistency_weight={self.consistency_weight})"
-            )
-        if is_teacher:
-            return term
-        if teacher_target is None:
-            raise ValueError(
-                "teacher_target is required for a non-teacher scale when consistency is active "
-                f"(consistency_weight={self.consistency_weight}, num_scales={num_scales})"
-            )
-        num_students = num_scales - 1
-        divergence = self._divergence(scale_logits, teacher_target.detach())
-        return term + (self.consistency_weight / num_students) * divergence
+        """The ``total`` of :meth:`scale_share`: one scale's share of :meth:`forward`'s total."""
+        return self.scale_share(scale_logits, labels, teacher_target, num_scales=num_scales,
+                                is_teacher=is_teacher).total

@@ -40,6 +40,9 @@ class ScaleMeter:
     def add_samples(self, batch_size: int) -> None:
         self.count += batch_size
 
+    def add_skipped_step(self) -> None:
+        self.skipped += 1
+
     def compute(self) -> dict[int, dict[str, float]]:
         if not self.count:
             return {}

@@ -1,73 +1,64 @@
 """Wiring of one training run: configuration in, run directory and results out.
 
 The CLI parses flags into a :class:`TrainConfig` and calls :func:`run_training`; everything here is
-plain library code (logging, no prints), so tests and notebooks can call it directly.
+plain library code (logging, no prints), so tests and notebooks can call it directly. The run builds
+its objects (:mod:`~multiscale_dali.training.run_setup`, :mod:`~multiscale_dali.training.run_data`),
+restores them through their own ``load_state_dict`` methods, and writes through
+:class:`~multiscale_dali.training.run_files.RunFiles`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
-import math
-import os
-import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
-from multiscale_dali.fileio import atomic_save
 from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
-from multiscale_dali.constants import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, SPLIT_NAMES
-from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
+from multiscale_dali.data.discovery import DatasetSplits
 from multiscale_dali.training.distributed import (
     DistributedContext,
-    DistributedError,
+    check_ranks_agree,
     distributed_session,
     quiet_unless_main,
 )
-from multiscale_dali.pipelines.spec import Loader, LoaderSpec
-from multiscale_dali.pipelines.factory import build_loader, resolve_backend
-from multiscale_dali.training.losses import ScaleConsistencyLoss, num_outputs, resolve_task
-from multiscale_dali.models.registry import build_model
+from multiscale_dali.pipelines.factory import resolve_backend
+from multiscale_dali.pipelines.schedule import constant_schedule
+from multiscale_dali.training.losses import resolve_task
 from multiscale_dali.training.resume import (
     best_path,
     capture_rng_state,
     find_resume_checkpoint,
     restore_rng_state,
     run_dir_of,
-    save_last,
 )
-from multiscale_dali.training.run_directory import (
-    append_json_line,
-    check_fresh,
-    keep_metrics_before,
-    write_json,
-)
-from multiscale_dali.pipelines.schedule import (
-    ScaleSchedule,
-    constant_schedule,
-    linear_ramp_schedule,
-    parse_steps,
-    stepwise_schedule,
+from multiscale_dali.training.run_data import RunLoaders, dataset_root, prepare_splits, scan_cache_path, vet_splits
+from multiscale_dali.training.run_directory import check_fresh
+from multiscale_dali.training.run_files import RunFiles
+from multiscale_dali.training.run_setup import (
+    build_lr_scheduler,
+    build_network,
+    build_optimizer,
+    build_schedule,
+    build_trainer,
+    resolve_amp,
+    seed_everything,
 )
 from multiscale_dali.training.signals import StopRequest
-from multiscale_dali.training.trainer import (
-    EpochRecord,
-    FitResult,
-    MultiScaleTrainer,
-    ProgressiveMultiScaleTrainer,
-    StepEvent,
-    TrainerOptions,
-)
+from multiscale_dali.training.trainer import EpochRecord, FitResult, StepEvent
+
+# dataset_root, scan_cache_path, vet_splits and resolve_amp live in run_data and run_setup; the CLI,
+# evaluation and the benchmark import them from here.
+__all__ = [
+    "ResumeWorldSizeError", "RunResult", "dataset_root", "resolve_amp", "run_training", "scan_cache_path",
+    "vet_splits",
+]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -90,112 +81,7 @@ class ResumeWorldSizeError(CheckpointError):
     """A mid-epoch checkpoint of N processes resumed with another number of processes."""
 
 
-# ---------------------------------------------------------------------------------------- pieces
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on GPUs that support it, fp16 on older GPUs, off on CPU (slow there)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def build_schedule(config: TrainConfig) -> ScaleSchedule:
-    if config.mode == "multiscale":
-        return constant_schedule(config.scales)
-    try:
-        if config.schedule:
-            return stepwise_schedule(parse_steps(config.schedule))
-        # Two scales: a ramp snapped to --ramp-multiple; more: the listed scales are the ramp's steps.
-        return linear_ramp_schedule(
-            min_scale=config.scales[0], max_scale=config.scales[-1], epochs=config.epochs,
-            multiple=config.ramp_multiple, levels=config.scales if len(config.scales) > 2 else None,
-        )
-    except ValueError as err:
-        raise ConfigError("schedule", str(err)) from None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def dataset_root(config: TrainConfig) -> Path:
-    if config.data is not None:
-        return Path(config.data)
-    from multiscale_dali.data.embedded import default_dataset
-
-    return default_dataset(binary=config.default_dataset == "textures-binary")
-
-
-def scan_cache_path(root: Path) -> Path:
-    """One scan manifest per dataset root, shared by every run over it."""
-    from multiscale_dali.data.embedded import default_cache_dir
-
-    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return default_cache_dir() / "scan" / f"{digest}.json"
-
-
-def vet_splits(splits: DatasetSplits, config: TrainConfig) -> DatasetSplits:
-    """Pre-flight scan of every file: DALI cannot skip a bad file mid-run, so find them first.
-
-    ``on_bad_file="error"`` raises :class:`~multiscale_dali.data.scan.BadImagesError` naming each bad
-    file; ``"skip"`` trains on the good files, every label unchanged.
-    """
-    from multiscale_dali.data.scan import filter_good, scan_files
-
-    if not config.scan:
-        log.warning("--no-scan: the files are not checked; a bad image stops the run when a loader meets it")
-        return splits
-    every_file = [f for name in SPLIT_NAMES for f in splits.split(name).files]
-    # One decode per file, and PIL releases the GIL while decoding: as many threads as loader workers.
-    result = scan_files(every_file, max_pixels=config.max_image_pixels, workers=max(1, config.workers),
-                        cache_path=scan_cache_path(Path(splits.root)))
-    log.info("scanned %d files (%d from the cache): %d bad, %d converted", len(result.reports),
-             result.cached_count, len(result.bad), len(result.converted))
-    if result.ok:
-        return splits
-    if config.on_bad_file == "error":
-        result.raise_for_bad()
-    log.warning("--on-bad-file skip: training without %d bad file(s):\n%s", len(result.bad), result.describe_bad())
-    kept = {}
-    for name in SPLIT_NAMES:
-        files, labels = filter_good(splits.split(name).files, splits.split(name).labels, result)
-        kept[name] = SplitFiles(files=files, labels=labels)
-    if not kept["train"].files:
-        raise DataError(f"no readable training images left in {splits.root} after skipping bad files")
-    return dataclasses.replace(splits, **kept)
-
-
-def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
-        )
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _lr_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int, *, start_step: int = 0):
-    """Per-step linear warm-up then cosine (or constant); a pure function of the step count.
-
-    ``start_step`` > 0 rebuilds the schedule at that step of a resumed run (the optimizer's groups
-    then carry ``initial_lr`` from the original scheduler).
-    """
-    total = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if config.lr_schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
-
-
+# ---------------------------------------------------------------------------------------- resuming
 def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
     """Settings that change what is trained must match the checkpoint's; errors name the flag."""
     current = config.to_dict()
@@ -213,31 +99,6 @@ def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path)
                 key, f"is {current[key]!r} but the checkpoint {path} was trained with {value!r}; "
                 "resume with the same value or start a new --out"
             )
-
-
-def _check_ranks_agree(context: DistributedContext, what: str, value: Any) -> None:
-    """Every rank must hold the same ``value`` (plain data); a collective, cheap, run at start-up.
-
-    Ranks that disagree about the data or the checkpoint would shard different lists or resume from
-    different places and train on silently wrong data; fail before the first step instead.
-    """
-    values = context.all_gather_object(value)
-    if any(v != values[0] for v in values[1:]):
-        raise DistributedError(
-            f"the {context.world_size} ranks disagree about {what}: "
-            + "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-            + ". Every node must see the same --data and --out (a shared filesystem) and the same flags."
-        )
-
-
-def _splits_fingerprint(splits: DatasetSplits) -> str:
-    # Paths relative to the root: nodes may mount the same shared dataset at different places.
-    digest = hashlib.sha256()
-    for name in SPLIT_NAMES:
-        split = splits.split(name)
-        files = [os.path.relpath(f, splits.root) for f in split.files]
-        digest.update(json.dumps([name, files, [int(v) for v in split.labels]]).encode())
-    return digest.hexdigest()
 
 
 def _resume_keeps_loader_states(payload: dict[str, Any], path: Path, world_size: int) -> bool:
@@ -264,28 +125,6 @@ def _resume_keeps_loader_states(payload: dict[str, Any], path: Path, world_size:
         saved, world_size, int(trainer["epoch"]) + 1, world_size,
     )
     return False
-
-
-class RunLoaders:
-    """The train/val/test loaders of one run, closed together."""
-
-    def __init__(self, *, backend: str, make_spec: Callable[[SplitFiles, ScaleSchedule, bool], LoaderSpec],
-                 splits: DatasetSplits, train_schedule: ScaleSchedule, eval_schedule: ScaleSchedule) -> None:
-        self.backend = backend
-        self._make_spec = make_spec
-        self._splits = splits
-        self.train = build_loader(make_spec(splits.train, train_schedule, True), backend=backend)
-        self.val = (
-            build_loader(make_spec(splits.val, eval_schedule, False), backend=backend) if len(splits.val) else None
-        )
-
-    def test(self, schedule: ScaleSchedule) -> Loader:
-        return build_loader(self._make_spec(self._splits.test, schedule, False), backend=self.backend)
-
-    def close(self) -> None:
-        self.train.close()
-        if self.val is not None:
-            self.val.close()
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -317,6 +156,7 @@ class _TrainingRun:
                  on_step: Callable[[StepEvent], None] | None) -> None:
         self.config = config
         self.context = context
+        self.device = context.device
         self.out_dir = Path(config.out)
         self.on_epoch_end = on_epoch_end
         self.on_step = on_step
@@ -327,9 +167,9 @@ class _TrainingRun:
     # ------------------------------------------------------------------ set-up
     def _find_checkpoint(self, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
         found = find_resume_checkpoint(resume, self.out_dir) if resume else None
-        _check_ranks_agree(self.context, "the checkpoint to resume from (epoch, step in epoch, global step)",
-                           None if found is None else tuple(int(found[1]["trainer"][k])
-                                                            for k in ("epoch", "step_in_epoch", "global_step")))
+        check_ranks_agree(self.context, "the checkpoint to resume from (epoch, step in epoch, global step)",
+                          None if found is None else tuple(int(found[1]["trainer"][k])
+                                                           for k in ("epoch", "step_in_epoch", "global_step")))
         if found is None:
             check_fresh(self.out_dir)
             return None
@@ -344,30 +184,18 @@ class _TrainingRun:
 
     def _prepare_data(self) -> None:
         config, context = self.config, self.context
-        self.device = context.device
         self.backend = resolve_backend(config.backend)
         seed_everything(config.seed)
         root = dataset_root(config)
-        discovered = discover_dataset(root, fractions=config.split_fractions, seed=config.seed)
-        # Rank 0 scans first and fills the manifest; the other ranks then read its verdicts instead of
-        # all decoding the whole dataset at once (and raise the same error if rank 0 found bad files).
-        # A first scan of a very large dataset can outlast the collective timeout: `msdali scan` once
-        # before a multi-process launch fills the manifest.
-        if context.is_main:
-            try:
-                splits = vet_splits(discovered, config)
-            finally:
-                context.barrier()
-        else:
-            context.barrier()
-            splits = vet_splits(discovered, config)
-        _check_ranks_agree(context, "the dataset splits (a hash of every file and label)", _splits_fingerprint(splits))
-        self.splits = splits
-        self.task = resolve_task(splits.num_classes, config.task)
+        self.splits: DatasetSplits = prepare_splits(config, context, root)
+        self.task = resolve_task(self.splits.num_classes, config.task)
         self.schedule = build_schedule(config)
-        self.resolved = {"data": str(root), "backend": self.backend, "device": str(self.device), "task": self.task,
-                         "world_size": context.world_size,
-                         "global_batch_size": config.batch_size * context.world_size}
+        resolved = {"data": str(root), "backend": self.backend, "device": str(self.device), "task": self.task,
+                    "world_size": context.world_size, "global_batch_size": config.batch_size * context.world_size}
+        self.files = RunFiles(self.out_dir, is_main=context.is_main, common={
+            "config": config.to_dict(), "resolved": resolved, "classes": list(self.splits.classes),
+            "task": self.task, "schedule": self.schedule.to_dict()})
+        splits = self.splits
         log.info(
             "data %s: %d classes (%s), %s task; train/val/test = %d/%d/%d; backend %s on %s",
             root, splits.num_classes, ", ".join(splits.classes), self.task,
@@ -377,47 +205,22 @@ class _TrainingRun:
             log.info("%d processes, each with batch size %d: global batch %d; each split is sharded over the ranks",
                      context.world_size, config.batch_size, config.batch_size * context.world_size)
 
-    def _make_spec(self, split: SplitFiles, schedule: ScaleSchedule, train: bool) -> LoaderSpec:
-        config = self.config
-        return LoaderSpec(
-            files=split.files, labels=split.labels, schedule=schedule, batch_size=config.batch_size,
-            train=train, device=str(self.device), seed=config.seed, num_workers=config.workers,
-            drop_last=train and len(split) > config.batch_size, channels_last=config.channels_last,
-            shard_id=self.context.rank, num_shards=self.context.world_size,
-        )
-
     def _build(self) -> None:
         config = self.config
         if self.device.type == "cuda":
             # A run sees a small fixed set of input shapes (one per scale), so cuDNN's per-shape
             # autotuning pays for itself after the first steps (as in timm and the DALI examples).
             torch.backends.cudnn.benchmark = True
-        model = build_model(config.model, num_outputs=num_outputs(self.task, self.splits.num_classes),
-                            pretrained=config.pretrained)
-        model = model.to(self.device,
-                         memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
-        self.optimizer = _optimizer(config, model.parameters())
-        # Validation covers every scale the schedule visits, so one eval pipeline serves all epochs
-        # (rebuilding DALI pipelines per epoch grows device memory pools).
-        self.loaders = RunLoaders(backend=self.backend, make_spec=self._make_spec, splits=self.splits,
-                                  train_schedule=self.schedule, eval_schedule=constant_schedule(self.schedule.all_scales))
+        model = build_network(config, task=self.task, num_classes=self.splits.num_classes, device=self.device)
+        self.optimizer = build_optimizer(config, model.parameters())
+        self.loaders = RunLoaders(config=config, context=self.context, backend=self.backend, splits=self.splits,
+                                  schedule=self.schedule)
         # Shards are padded to one size, so every rank runs the same steps per epoch; a rank with
         # fewer would leave the others waiting in a collective until the timeout.
-        _check_ranks_agree(self.context, "the batches per epoch (train, val)",
-                           (len(self.loaders.train), None if self.loaders.val is None else len(self.loaders.val)))
-        trainer_cls = ProgressiveMultiScaleTrainer if config.mode == "progressive" else MultiScaleTrainer
-        self.trainer = trainer_cls(
-            model,
-            loss=ScaleConsistencyLoss(task=self.task, consistency_weight=config.consistency_weight,
-                                      consistency_type=config.consistency_type, teacher=config.teacher),
-            optimizer=self.optimizer,
-            schedule=self.schedule,
-            options=TrainerOptions(epochs=config.epochs, amp_dtype=resolve_amp(config.amp, self.device),
-                                   grad_clip_norm=config.grad_clip or None, memory_efficient=config.memory_efficient),
-            lr_scheduler=_lr_scheduler(config, self.optimizer, len(self.loaders.train)),
-            device=self.device,
-            distributed=self.context,
-        )
+        check_ranks_agree(self.context, "the batches per epoch (train, val)",
+                          (len(self.loaders.train), None if self.loaders.val is None else len(self.loaders.val)))
+        self.trainer = build_trainer(config, model, task=self.task, schedule=self.schedule, optimizer=self.optimizer,
+                                     steps_per_epoch=len(self.loaders.train), context=self.context)
 
     def _restore(self, path: Path, payload: dict[str, Any]) -> None:
         trainer, context = self.trainer, self.context
@@ -436,55 +239,36 @@ class _TrainingRun:
             restore_rng_state(rng_states[0])
             # The schedule counts steps, and an epoch now has another number of them: continue at
             # the step this epoch boundary has under the new sharding.
-            start = trainer.epoch * len(self.loaders.train)
-            trainer.lr_scheduler = _lr_scheduler(self.config, self.optimizer, len(self.loaders.train),
-                                                 start_step=start)
-            trainer.global_step = start
+            steps_per_epoch = len(self.loaders.train)
+            start = trainer.epoch * steps_per_epoch
+            trainer.renumber_steps(start, lr_scheduler=build_lr_scheduler(self.config, self.optimizer,
+                                                                          steps_per_epoch, start_step=start))
         self._restore_best(run_dir_of(path))
-        if context.is_main:
-            keep_metrics_before(self.out_dir / METRICS_FILE, trainer.epoch)
+        self.files.keep_metrics_before(trainer.epoch)
         self._saved_at = self._position()
 
     def _restore_best(self, source_dir: Path) -> None:
         """The best weights so far, from the run the checkpoint belongs to.
 
         They must be the epoch the checkpoint records as best: resuming an older checkpoint (the
-        previous one, after a damaged last) can find a best.pt written later. Then the record is
-        dropped and the next validated epoch starts the search again, rather than pairing one
-        epoch's score with another epoch's weights.
+        previous one, after a damaged last) can find a best.pt written later. Then the trainer drops
+        the record and the next validated epoch starts the search again.
         """
         trainer = self.trainer
         source = best_path(source_dir)
-        if trainer.best_epoch is None or not source.exists():
+        recorded = trainer.best_epoch
+        if recorded is None or not source.exists():
             return
         best = load_checkpoint(source)
-        if best.get("epoch") != trainer.best_epoch:
+        if not trainer.adopt_best_weights(best["model"], epoch=best.get("epoch")):
             log.warning("%s holds epoch %s but the checkpoint's best is epoch %s: the best model is chosen "
-                        "again from the epochs trained from here", source, best.get("epoch"), trainer.best_epoch)
-            trainer.best_state, trainer.best_score, trainer.best_epoch = None, None, None
+                        "again from the epochs trained from here", source, best.get("epoch"), recorded)
             return
-        trainer.best_state = best["model"]
-        if self.context.is_main and source_dir.resolve() != self.out_dir.resolve():
+        if source_dir.resolve() != self.out_dir.resolve():
             # A run continued in a new directory carries its best model along.
-            atomic_save(best, best_path(self.out_dir))
+            self.files.carry_best(best)
 
-    # ------------------------------------------------------------------ files (rank 0)
-    def _common(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "resolved": self.resolved, "classes": list(self.splits.classes),
-                "task": self.task, "schedule": self.schedule.to_dict()}
-
-    def _write_config(self) -> None:
-        if self.context.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.out_dir / CONFIG_FILE, self._common() | {
-                "dataset": self.splits.summary(), "argv": sys.argv, "versions": library_versions()})
-
-    def _save_best(self, epoch: int | None, val: dict | None = None) -> None:
-        if self.context.is_main:
-            atomic_save(self._common() | {"model": self.trainer.net.state_dict(), "epoch": epoch,
-                                          "val": {str(s): m for s, m in (val or {}).items()}},
-                        best_path(self.out_dir))
-
+    # ------------------------------------------------------------------ checkpoints
     def _position(self) -> tuple[int, int, int]:
         return self.trainer.epoch, self.trainer.step_in_epoch, self.trainer.global_step
 
@@ -499,11 +283,7 @@ class _TrainingRun:
         trainer_state = self.trainer.state_dict()
         ranks = self.context.all_gather_object({"loader": self.loaders.train.state_dict(),
                                                 "rng": capture_rng_state(), "global_step": self.trainer.global_step})
-        if self.context.is_main:
-            save_last(self._common() | {
-                "trainer": trainer_state, "loaders": [r["loader"] for r in ranks], "rngs": [r["rng"] for r in ranks],
-                "rank_steps": [r["global_step"] for r in ranks], "world_size": self.context.world_size},
-                self.out_dir)
+        self.files.save_training_state(trainer_state, ranks)
         self._saved_at = self._position()
 
     # ------------------------------------------------------------------ callbacks
@@ -514,11 +294,9 @@ class _TrainingRun:
             self.on_step(event)
 
     def _epoch_done(self, record: EpochRecord) -> None:
-        if self.context.is_main:
-            append_json_line(self.out_dir / METRICS_FILE,
-                             {"mode": self.config.mode, "backend": self.backend} | record.to_json())
-            if record.is_best:
-                self._save_best(record.epoch, record.val)
+        self.files.append_epoch(record, mode=self.config.mode, backend=self.backend)
+        if record.is_best:
+            self.files.save_best(self.trainer.net, epoch=record.epoch, val=record.val)
         self._save_training_state()
         if self.on_epoch_end is not None and self.context.is_main:
             self.on_epoch_end(record)
@@ -530,13 +308,14 @@ class _TrainingRun:
             self._build()
             if self.found is not None:
                 self._restore(*self.found)
-            self._write_config()
+            self.files.write_config(dataset=self.splits.summary())
             val_epoch = None if self.loaders.val is None else self.loaders.val.epoch
             with StopRequest() as stop:
                 # The flag is combined over the ranks at every step boundary (torchrun forwards SIGTERM
                 # to every worker, but not at the same instant), so all ranks stop after the same step.
                 fit = self.trainer.fit(self.loaders.train.epoch, val_epoch, on_epoch_end=self._epoch_done,
-                                       on_step=self._step_done, should_stop=lambda: self.context.any_rank(stop.requested))
+                                       on_step=self._step_done,
+                                       should_stop=lambda: self.context.any_rank(stop.requested))
                 if fit.interrupted:
                     return self._interrupted(fit, stop.signal_name)
             test = self._test()
@@ -560,9 +339,8 @@ class _TrainingRun:
     def _test(self) -> dict[int, dict[str, float]]:
         """The best model, once, on the test split; results.json."""
         trainer, schedule = self.trainer, self.schedule
-        trainer.load_best()
-        if trainer.best_state is None:  # no validation split: the final weights are the model
-            self._save_best(self.config.epochs - 1)
+        if not trainer.load_best():  # no validation split: the final weights are the model
+            self.files.save_best(trainer.net, epoch=self.config.epochs - 1)
         test_scales = schedule.final_scales if self.config.mode == "multiscale" else schedule.all_scales
         metrics: dict[int, dict[str, float]] = {}
         if len(self.splits.test):
@@ -571,13 +349,12 @@ class _TrainingRun:
                 metrics = trainer.evaluate(loader.epoch(0))
             finally:
                 loader.close()
-        if self.context.is_main:
-            write_json(self.out_dir / RESULTS_FILE, {
-                "best_epoch": trainer.best_epoch,
-                "best_val_accuracy": None if trainer.best_score is None else trainer.best_score[0],
-                "test": {str(s): m for s, m in metrics.items()}, "backend": self.backend,
-                "device": str(self.device), "task": self.task, "classes": list(self.splits.classes),
-                "world_size": self.context.world_size})
+        self.files.write_results({
+            "best_epoch": trainer.best_epoch,
+            "best_val_accuracy": None if trainer.best_score is None else trainer.best_score[0],
+            "test": {str(s): m for s, m in metrics.items()}, "backend": self.backend,
+            "device": str(self.device), "task": self.task, "classes": list(self.splits.classes),
+            "world_size": self.context.world_size})
         self.context.barrier()
         return metrics
 
@@ -589,19 +366,3 @@ class _TrainingRun:
             dataset=self.splits.summary(), interrupted=interrupted, stop_signal=stop_signal,
             rank=self.context.rank, world_size=self.context.world_size,
         )
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions that decide numerics and speed, written into every run directory."""
-    import PIL
-    import torchvision
-
-    from multiscale_dali import __version__
-    from multiscale_dali.pipelines.factory import dali_version
-
-    return {
-        "msdali": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "dali": dali_version(), "pillow": PIL.__version__,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }

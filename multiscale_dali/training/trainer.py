@@ -9,10 +9,11 @@ produced the batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -20,10 +21,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from multiscale_dali.pipelines.batch import MultiScaleBatch
-from multiscale_dali.training.distributed import DistributedContext
-from multiscale_dali.training.losses import ScaleConsistencyLoss, base_loss, predict
-from multiscale_dali.training.metrics import ScaleMeter
 from multiscale_dali.pipelines.schedule import ScaleSchedule
+from multiscale_dali.training.best import BestEpoch
+from multiscale_dali.training.distributed import DistributedContext
+from multiscale_dali.training.losses import LossValues, ScaleConsistencyLoss, ScaleShare, StepLosses, base_loss, predict
+from multiscale_dali.training.metrics import ScaleMeter
+# The records are part of the trainer's interface: reporting and the CLI import them from here.
+from multiscale_dali.training.records import EpochRecord, FitResult, StepEvent
+
+__all__ = [
+    "EpochRecord", "FitResult", "MultiScaleModel", "MultiScaleTrainer", "NonFiniteLossError",
+    "ProgressiveMultiScaleTrainer", "StepEvent", "TrainerOptions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,58 +77,8 @@ class TrainerOptions:
             )
 
 
-@dataclass
-class EpochRecord:
-    epoch: int
-    scales: tuple[int, ...]
-    train: dict[int, dict[str, float]]
-    val: dict[int, dict[str, float]]
-    train_loss_components: dict[str, float]
-    images_per_second: float
-    seconds: float
-    lr: float
-    skipped_steps: int = 0
-    is_best: bool = False
-
-    def to_json(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "scales": list(self.scales),
-            "train": {str(s): m for s, m in self.train.items()},
-            "val": {str(s): m for s, m in self.val.items()},
-            "train_loss_components": self.train_loss_components,
-            "images_per_second": self.images_per_second,
-            "seconds": self.seconds,
-            "lr": self.lr,
-            "skipped_steps": self.skipped_steps,
-            "is_best": self.is_best,
-        }
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """Sent after every optimisation step (progress display, step checkpoints)."""
-
-    epoch: int
-    step: int  # steps done in this epoch
-    global_step: int
-    batch_size: int
-    # The step's total loss, detached and still on the device: calling .item() forces a device
-    # sync, so a progress display should read it only every few steps. None when unknown.
-    loss: torch.Tensor | None = None
-
-
-@dataclass
-class FitResult:
-    history: list[EpochRecord] = field(default_factory=list)
-    best_epoch: int | None = None
-    interrupted: bool = False
-
-
 class MultiScaleTrainer:
     """All scales of ``schedule.scales_at(epoch)`` every step; validation on every scale."""
-
-    mode = "multiscale"
 
     def __init__(
         self,
@@ -155,9 +114,7 @@ class MultiScaleTrainer:
         )
         self.epoch = 0
         self.global_step = 0
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.best_score: tuple[float, float] | None = None
-        self.best_epoch: int | None = None
+        self._best = BestEpoch()
         self._nonfinite_in_a_row = 0
         # BatchNorm running statistics and counters, snapshotted before each step (see _step).
         self._buffers = list(model.buffers())
@@ -196,43 +153,45 @@ class MultiScaleTrainer:
     def _step(self, batch: MultiScaleBatch, meter: ScaleMeter) -> bool:
         """One optimisation step; False when it was skipped for a non-finite loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        # Under DDP a backward all-reduces the gradients and waits for every rank, so a rank whose
-        # loss is non-finite still runs it; the ranks then agree to skip the step together.
-        backward_always = self.distributed.is_distributed
         # The train-mode forward updates BatchNorm running statistics before the loss is known to be
         # finite; a skipped step must not leave inf/NaN in them (they would poison every later eval).
         saved_buffers = [b.detach().clone() for b in self._buffers]
         if self.options.memory_efficient and len(batch.images) > 1:
-            total, components, logits = self._backward_one_scale_at_a_time(batch, backward_always=backward_always)
+            losses, logits = self._backward_one_scale_at_a_time(batch)
         else:
-            with self._autocast():
-                logits = self.model(batch.images)
-                total, components = self.loss(logits, batch.labels)
-            # components holds the total already read back to the host: no second device sync.
-            if backward_always or math.isfinite(components["total"]):
-                self.scaler.scale(total).backward()
-        self._last_loss = total.detach()
-        local_finite = math.isfinite(components["total"])
-        finite = local_finite
-        if self.distributed.is_distributed:
-            finite = not self.distributed.any_rank(not local_finite)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(self._buffers, saved_buffers):
-                    buffer.copy_(saved)
-            self._nonfinite_in_a_row += 1
-            meter.skipped += 1
-            log.warning("non-finite loss at step %d%s: step skipped", self.global_step,
-                        "" if not local_finite else " on another rank")
-            if self._nonfinite_in_a_row >= self.options.max_consecutive_nonfinite:
-                raise NonFiniteLossError(
-                    f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss "
-                    f"(last at global step {self.global_step}); stopping. Lower the learning rate, "
-                    "enable --grad-clip, or try --amp off."
-                )
+            losses, logits = self._backward_all_scales(batch)
+        self._last_loss = losses.total.detach()
+        # The step's one device->host transfer: every logged number and the finiteness check. It
+        # comes after the backward, so the device runs forward and backward without waiting for the
+        # host; a non-finite step's gradients are dropped below.
+        values = losses.read()
+        local_finite = math.isfinite(values.total)
+        # Under DDP every rank ran its backward (it all-reduces and waits for every rank); the ranks
+        # then agree to skip a step that was non-finite on any of them.
+        if self.distributed.any_rank(not local_finite):
+            self._skip_step(saved_buffers, meter, here=not local_finite)
             return False
         self._nonfinite_in_a_row = 0
+        self._optimizer_step()
+        self._record_step(batch, logits, values, meter)
+        return True
+
+    def _skip_step(self, saved_buffers: list[torch.Tensor], meter: ScaleMeter, *, here: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(self._buffers, saved_buffers):
+                buffer.copy_(saved)
+        self._nonfinite_in_a_row += 1
+        meter.add_skipped_step()
+        log.warning("non-finite loss at step %d%s: step skipped", self.global_step, "" if here else " on another rank")
+        if self._nonfinite_in_a_row >= self.options.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss "
+                f"(last at global step {self.global_step}); stopping. Lower the learning rate, "
+                "enable --grad-clip, or try --amp off."
+            )
+
+    def _optimizer_step(self) -> None:
         if self.options.grad_clip_norm is not None:
             # Clip the true gradients: unscale first, or the threshold applies to scaled values.
             self.scaler.unscale_(self.optimizer)
@@ -242,15 +201,17 @@ class MultiScaleTrainer:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
+
+    def _record_step(self, batch: MultiScaleBatch, logits: Mapping[int, torch.Tensor], values: LossValues,
+                     meter: ScaleMeter) -> None:
         count = 0
         for scale, out in logits.items():
             # The loss already computed each scale's base loss; only accuracy is new work.
-            loss_mean, hits, count = self._metric_terms(out, batch, components[f"base_{scale}"])
+            loss_mean, hits, count = self._metric_terms(out, batch, values.base[scale])
             meter.update(scale, loss_mean, hits, count)
         meter.add_samples(count)
         # Components are batch means over every sample, padding included (as the gradient is).
-        meter.add_components(components, count)
-        return True
+        meter.add_components(values.as_components(), count)
 
     def _metric_terms(
         self, logits: torch.Tensor, batch: MultiScaleBatch, loss_mean: torch.Tensor | float | None = None
@@ -271,7 +232,14 @@ class MultiScaleTrainer:
             loss_mean = base_loss(logits, labels, task=self.task)
         return loss_mean, predict(logits, task=self.task) == labels, count
 
-    def _backward_one_scale_at_a_time(self, batch: MultiScaleBatch, *, backward_always: bool = False):
+    def _backward_all_scales(self, batch: MultiScaleBatch) -> tuple[StepLosses, dict[int, torch.Tensor]]:
+        with self._autocast():
+            logits = self.model(batch.images)
+            losses = self.loss.step_losses(logits, batch.labels)
+        self.scaler.scale(losses.total).backward()
+        return losses, logits
+
+    def _backward_one_scale_at_a_time(self, batch: MultiScaleBatch) -> tuple[StepLosses, dict[int, torch.Tensor]]:
         """Largest scale first, then each smaller scale against the detached largest-scale target.
 
         Only one scale's activations are alive at a time; the gradients equal the naive step's when
@@ -282,23 +250,23 @@ class MultiScaleTrainer:
         """
         scales = sorted(batch.images, reverse=True)
         logits: dict[int, torch.Tensor] = {}
+        shares: dict[int, ScaleShare] = {}
         teacher: torch.Tensor | None = None
         total = torch.zeros((), device=self.device)
         for index, scale in enumerate(scales):
             with self._no_sync(index < len(scales) - 1):
                 with self._autocast():
                     out = self.model({scale: batch.images[scale]})[scale]
-                    term = self.loss.scale_term(
+                    share = self.loss.scale_share(
                         out, batch.labels, teacher, num_scales=len(scales), is_teacher=teacher is None
                     )
-                if backward_always or torch.isfinite(term):
-                    self.scaler.scale(term).backward()
-            total = total + term.detach().float()
+                self.scaler.scale(share.total).backward()
+            total = total + share.total.detach().float()
+            shares[scale] = share
             logits[scale] = out.detach()
             if teacher is None:
                 teacher = out.detach()
-        _, components = self.loss(logits, batch.labels)
-        return total, components, logits
+        return StepLosses.from_shares(shares, total), logits
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(
@@ -373,17 +341,12 @@ class MultiScaleTrainer:
             meter.add_samples(count)
         return meter.reduced(self.distributed).compute()
 
-    def _update_best(self, record: EpochRecord) -> None:
-        metrics = record.val.get(self.selection_scale(record.epoch))
-        if metrics is None:
-            return
-        # Higher accuracy wins; lower loss breaks ties (small validation sets tie often).
-        score = (metrics["accuracy"], -metrics["loss"])
-        if self.best_score is None or score > self.best_score:
-            self.best_score = score
-            self.best_epoch = record.epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-            record.is_best = True
+    def _validated(self, record: EpochRecord, batches: Iterable[MultiScaleBatch]) -> EpochRecord:
+        """``record`` with its validation metrics, and whether its epoch is the best so far."""
+        val = self.evaluate(batches, self.validation_scales(record.epoch))
+        metrics = val.get(self.selection_scale(record.epoch))
+        is_best = metrics is not None and self._best.offer(record.epoch, metrics, self.net)
+        return dataclasses.replace(record, val=val, is_best=is_best)
 
     def fit(
         self,
@@ -406,15 +369,14 @@ class MultiScaleTrainer:
                 result.interrupted = True
                 break
             if val_batches is not None:
-                record.val = self.evaluate(val_batches(epoch), self.validation_scales(epoch))
-                self._update_best(record)
+                record = self._validated(record, val_batches(epoch))
             result.history.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(record)
             if should_stop is not None and should_stop() and self.epoch < self.options.epochs:
                 result.interrupted = True
                 break
-        result.best_epoch = self.best_epoch
+        result.best_epoch = self._best.epoch
         return result
 
     # ------------------------------------------------------------------ checkpoint state
@@ -425,14 +387,15 @@ class MultiScaleTrainer:
         Distributed: a collective (the partial epoch's metrics are summed over the ranks), so every
         rank calls it at the same step.
         """
+        best = self._best.state_dict()
         state: dict[str, Any] = {
             "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
-            "best_score": None if self.best_score is None else list(self.best_score),
-            "best_epoch": self.best_epoch,
+            "best_score": best["best_score"],
+            "best_epoch": best["best_epoch"],
             "nonfinite_in_a_row": self._nonfinite_in_a_row,
             # Distributed: the partial epoch's sums over every rank (a collective), which rank 0 saves.
             "meter": None if self._meter is None else self._meter.reduced(self.distributed).state_dict(),
@@ -447,22 +410,16 @@ class MultiScaleTrainer:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output; the best weights come back through :meth:`adopt_best_weights`."""
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler.is_enabled():
-            if "scaler" in state:
-                self.scaler.load_state_dict(state["scaler"])
-            else:
-                log.warning("checkpoint was saved without fp16 loss scaling; starting a fresh GradScaler")
-        elif "scaler" in state:
-            log.info("checkpoint has a GradScaler state; not needed without fp16, ignored")
+        self._load_scaler_state(state.get("scaler"))
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
-        self.best_score = None if state["best_score"] is None else tuple(state["best_score"])
-        self.best_epoch = state["best_epoch"]
+        self._best.load_state_dict(state)
         self._nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         meter = state.get("meter")
         self._meter = None if meter is None else ScaleMeter.from_state_dict(meter)
@@ -473,16 +430,57 @@ class MultiScaleTrainer:
         self._meter_epoch = self.epoch if meter is not None else -1
         self._epoch_seconds = float(state.get("epoch_seconds", 0.0))
 
-    def load_best(self) -> None:
-        """Restore the weights of the best validation epoch (no-op when there was no validation)."""
-        if self.best_state is not None:
-            self.net.load_state_dict(self.best_state)
+    def _load_scaler_state(self, scaler: Mapping[str, Any] | None) -> None:
+        if self.scaler.is_enabled():
+            if scaler is not None:
+                self.scaler.load_state_dict(scaler)
+            else:
+                log.warning("checkpoint was saved without fp16 loss scaling; starting a fresh GradScaler")
+        elif scaler is not None:
+            log.info("checkpoint has a GradScaler state; not needed without fp16, ignored")
+
+    def renumber_steps(
+        self, global_step: int, *, lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    ) -> None:
+        """Continue an epoch boundary whose step count changed (a resume with another number of processes).
+
+        ``global_step`` is where this boundary falls under the new sharding, and ``lr_scheduler`` the
+        schedule rebuilt at that step: the restored one counted the steps of the old sharding.
+        """
+        if self.step_in_epoch != 0:
+            raise ValueError(f"steps can be renumbered at an epoch boundary only, not at step {self.step_in_epoch} "
+                             f"of epoch {self.epoch + 1}")
+        self.global_step = global_step
+        self.lr_scheduler = lr_scheduler
+
+    # ------------------------------------------------------------------ the best epoch
+    @property
+    def best_epoch(self) -> int | None:
+        return self._best.epoch
+
+    @property
+    def best_score(self) -> tuple[float, float] | None:
+        """``(accuracy, -loss)`` at the selection scale of the best epoch; None before any validation."""
+        return self._best.score
+
+    def adopt_best_weights(self, weights: Mapping[str, torch.Tensor], *, epoch: int | None) -> bool:
+        """Take the saved weights of the best epoch (``best.pt``) after :meth:`load_state_dict`.
+
+        False, and the best-epoch record dropped, when they belong to another epoch than the one the
+        restored state records as best (see :meth:`BestEpoch.adopt`).
+        """
+        return self._best.adopt(weights, epoch=epoch)
+
+    def load_best(self) -> bool:
+        """Restore the weights of the best validation epoch; False (weights unchanged) when there are none."""
+        if self._best.weights is None:
+            return False
+        self.net.load_state_dict(self._best.weights)
+        return True
 
 
 class ProgressiveMultiScaleTrainer(MultiScaleTrainer):
     """One scale per epoch from a growing schedule; validated at the current and the final scale."""
-
-    mode = "progressive"
 
     def __init__(self, model: nn.Module, *, schedule: ScaleSchedule, **kwargs) -> None:
         if schedule.num_scales != 1:

@@ -1,0 +1,117 @@
+"""The objects a run is built from, each a function of the configuration: precision, scale schedule,
+seeds, network, optimizer, learning-rate schedule and trainer."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from multiscale_dali.errors import ConfigError
+from multiscale_dali.models.registry import build_model
+from multiscale_dali.pipelines.schedule import (
+    ScaleSchedule,
+    constant_schedule,
+    linear_ramp_schedule,
+    parse_steps,
+    stepwise_schedule,
+)
+from multiscale_dali.training.config import TrainConfig
+from multiscale_dali.training.distributed import DistributedContext
+from multiscale_dali.training.losses import ScaleConsistencyLoss, num_outputs
+from multiscale_dali.training.trainer import MultiScaleTrainer, ProgressiveMultiScaleTrainer, TrainerOptions
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on GPUs that support it, fp16 on older GPUs, off on CPU (slow there)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def build_schedule(config: TrainConfig) -> ScaleSchedule:
+    if config.mode == "multiscale":
+        return constant_schedule(config.scales)
+    try:
+        if config.schedule:
+            return stepwise_schedule(parse_steps(config.schedule))
+        # Two scales: a ramp snapped to --ramp-multiple; more: the listed scales are the ramp's steps.
+        return linear_ramp_schedule(
+            min_scale=config.scales[0], max_scale=config.scales[-1], epochs=config.epochs,
+            multiple=config.ramp_multiple, levels=config.scales if len(config.scales) > 2 else None,
+        )
+    except ValueError as err:
+        raise ConfigError("schedule", str(err)) from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_network(config: TrainConfig, *, task: str, num_classes: int, device: torch.device) -> nn.Module:
+    """The configured model with the task's head, on ``device`` in the configured memory format."""
+    model = build_model(config.model, num_outputs=num_outputs(task, num_classes), pretrained=config.pretrained)
+    return model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+
+
+def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_lr_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, *, start_step: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step linear warm-up then cosine (or constant); a pure function of the step count.
+
+    ``start_step`` > 0 rebuilds the schedule at that step of a resumed run (the optimizer's groups
+    then carry ``initial_lr`` from the original scheduler).
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
+
+
+def build_trainer(
+    config: TrainConfig,
+    model: nn.Module,
+    *,
+    task: str,
+    schedule: ScaleSchedule,
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    context: DistributedContext,
+) -> MultiScaleTrainer:
+    """The trainer of ``config.mode``, with its loss, options and learning-rate schedule."""
+    trainer_cls = ProgressiveMultiScaleTrainer if config.mode == "progressive" else MultiScaleTrainer
+    return trainer_cls(
+        model,
+        loss=ScaleConsistencyLoss(task=task, consistency_weight=config.consistency_weight,
+                                  consistency_type=config.consistency_type, teacher=config.teacher),
+        optimizer=optimizer,
+        schedule=schedule,
+        options=TrainerOptions(epochs=config.epochs, amp_dtype=resolve_amp(config.amp, context.device),
+                               grad_clip_norm=config.grad_clip or None, memory_efficient=config.memory_efficient),
+        lr_scheduler=build_lr_scheduler(config, optimizer, steps_per_epoch),
+        device=context.device,
+        distributed=context,
+    )

@@ -1,0 +1,85 @@
+"""A step's loss terms come back typed: per-scale base losses keyed by scale, the consistency term
+(or none), the total; read to the host in one transfer, whichever way the step ran."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multiscale_dali.models.registry import build_model
+from multiscale_dali.pipelines.batch import MultiScaleBatch
+from multiscale_dali.pipelines.schedule import constant_schedule
+from multiscale_dali.training.losses import ScaleConsistencyLoss, StepLosses, base_loss
+from multiscale_dali.training.metrics import ScaleMeter
+from multiscale_dali.training.trainer import MultiScaleTrainer, TrainerOptions
+
+SCALES = (8, 12, 16)
+
+
+def _logits(seed: int) -> dict[int, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {s: torch.randn(6, 3, generator=gen) * 3 for s in SCALES}
+
+
+def _labels() -> torch.Tensor:
+    return torch.tensor([0, 1, 2, 2, 1, 0])
+
+
+def test_terms_are_keyed_by_scale_and_read_into_the_components_forward_logs():
+    loss = ScaleConsistencyLoss(task="multiclass", consistency_weight=0.7)
+    logits, labels = _logits(1), _labels()
+    losses = loss.step_losses(logits, labels)
+    assert list(losses.base) == sorted(SCALES)
+    for scale in SCALES:
+        torch.testing.assert_close(losses.base[scale], base_loss(logits[scale], labels, task="multiclass"))
+    values = losses.read()
+    assert values.base == {s: pytest.approx(losses.base[s].item()) for s in SCALES}
+    assert values.total == pytest.approx(values.mean_base + 0.7 * values.consistency)
+    total, components = loss(logits, labels)
+    assert values.as_components() == components
+    assert values.total == pytest.approx(total.item())
+
+
+def test_a_step_without_consistency_has_no_consistency_term_and_logs_zero():
+    losses = ScaleConsistencyLoss(task="multiclass").step_losses(_logits(2), _labels())
+    assert losses.consistency is None
+    values = losses.read()
+    assert values.consistency == 0.0 and values.total == pytest.approx(values.mean_base)
+
+
+def test_one_scale_at_a_time_shares_add_up_to_the_same_terms():
+    loss = ScaleConsistencyLoss(task="multiclass", consistency_weight=0.7)
+    logits, labels = _logits(3), _labels()
+    expected = loss.step_losses(logits, labels).read()
+    shares, teacher = {}, None
+    for scale in sorted(SCALES, reverse=True):
+        shares[scale] = loss.scale_share(logits[scale], labels, teacher, num_scales=len(SCALES),
+                                         is_teacher=teacher is None)
+        teacher = logits[scale] if teacher is None else teacher
+    total = torch.stack([share.total for share in shares.values()]).sum()
+    got = StepLosses.from_shares(shares, total).read()
+    assert got.base == expected.base
+    assert got.consistency == pytest.approx(expected.consistency)
+    assert got.total == pytest.approx(expected.total)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_memory_efficient_and_one_graph_steps_log_the_same_loss_terms(weight):
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 2, (4,), generator=gen)
+    batch = MultiScaleBatch(images={s: torch.randn(4, 3, s, s, generator=gen) for s in SCALES}, labels=labels)
+    logged = []
+    for memory_efficient in (False, True):
+        torch.manual_seed(0)
+        net = build_model("tiny_cnn", num_outputs=1)
+        trainer = MultiScaleTrainer(net, loss=ScaleConsistencyLoss(task="binary", consistency_weight=weight),
+                                    optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                    schedule=constant_schedule(SCALES),
+                                    options=TrainerOptions(epochs=1, memory_efficient=memory_efficient))
+        meter = ScaleMeter()
+        trainer.model.train()
+        assert trainer._step(batch, meter)
+        logged.append(meter.mean_components())
+    one_graph, one_scale_at_a_time = logged
+    assert set(one_graph) == {"base", "consistency", "total", *(f"base_{s}" for s in SCALES)}
+    assert one_scale_at_a_time == pytest.approx(one_graph)
