@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import PIL
 from PIL import Image, ImageFile, TiffImagePlugin, features
 
+from multiscale_dali.errors import EXIT_FAILURE, UserError
 from multiscale_dali.fileio import atomic_write_text
 from multiscale_dali.constants import DEFAULT_MAX_PIXELS
 from multiscale_dali.data.discovery import is_image_file
@@ -197,7 +198,7 @@ _ISO_BMFF_BRANDS: dict[bytes, str] = {b"avif": "AVIF", b"avis": "AVIF", b"heic":
                                       b"mif1": "HEIF", b"msf1": "HEIF"}
 
 
-class BadImagesError(ValueError):
+class BadImagesError(UserError, ValueError, exit_code=EXIT_FAILURE, hint="Or train without them: --on-bad-file skip."):
     """Raised by :meth:`ScanResult.raise_for_bad`; the message names the bad files and reasons."""
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from multiscale_dali.pipelines.batch import MultiScaleBatch, normalize_nhwc_uint8
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
 from multiscale_dali.training.config import ConfigError, TrainConfig, check_scales, config_from_mapping
+from multiscale_dali.errors import EXIT_FAILURE, UserError
 from multiscale_dali.constants import EVAL_CROP_FRACTION, EVAL_FILE
 from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
 from multiscale_dali.pipelines.spec import LoaderSpec
@@ -59,7 +60,7 @@ DEFAULT_EVAL_BATCH_SIZE = 64
 BN_SUBSET_SEED_OFFSET = 7919
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError, exit_code=EXIT_FAILURE):
     """An image given to :func:`predict_images` that cannot be read; the message names the file."""
 
 
