@@ -69,6 +69,8 @@ def test_train_writes_metrics_config_results_and_model(tmp_path, image_root, bac
         (["--scales", "64,32"], "--scales"),
         (["--scales", "0,64"], "--scales"),
         (["--scales", "a,b"], "--scales"),
+        (["--scales", "16.5,32"], "--scales"),
+        (["--model", "convnext_tiny", "--scales", "16,24,32"], "--model"),
         (["--model", "resnet9000"], "--model"),
         (["--data", "/no/such/folder"], "--data"),
         (["--consistency-type", "kl"], "--consistency-type"),
@@ -294,3 +296,32 @@ def test_no_scan_trusts_the_data_and_says_so(tmp_path, image_root):
     assert result.exit_code == 0, result.output
     assert "--no-scan: the files are not checked" in result.output
     assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["scan"] is False
+
+
+def test_a_model_too_deep_for_the_smallest_scale_is_refused_before_the_data_is_read(tmp_path):
+    # --data does not exist: reading it first would fail on --data instead.
+    result = CliRunner().invoke(main, ["train", "--model", "convnext_tiny", "--scales", "16,24,32",
+                                       "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    message = result.output.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("Error: --model: convnext_tiny")
+    assert "16 px, 24 px" in message[0] and "32 px" in message[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_scale_of_a_progressive_schedule_is_checked_against_the_model(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--model", "convnext_tiny", "--mode", "progressive", "--scales",
+                                       "32,64", "--schedule", "0:16,1:64", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "convnext_tiny cannot run at 16 px" in result.output
+
+
+def test_a_fractional_scale_in_a_recipe_is_refused_like_one_on_the_command_line(tmp_path):
+    recipe = tmp_path / "fractional.toml"
+    recipe.write_text('description = "x"\n[train]\nscales = [16.5, 32]\n')
+    from_recipe = CliRunner().invoke(main, ["train", "--config", str(recipe), "--out", str(tmp_path / "r")])
+    from_flag = CliRunner().invoke(main, ["train", "--scales", "16.5,32", "--out", str(tmp_path / "r")])
+    assert from_recipe.exit_code == from_flag.exit_code == 2
+    for result in (from_recipe, from_flag):
+        assert result.output.startswith("Error: --scales: ") and "16.5" in result.output
+    assert "fractional.toml" in from_recipe.output

@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from multiscale_dali.cli.main import main
+from multiscale_dali.models import input_size
 from multiscale_dali.training.config import load_recipe
 from multiscale_dali.reporting.progress import EpochProgress
 from multiscale_dali.training.trainer import StepEvent
@@ -158,6 +159,32 @@ def test_evaluate_errors_name_the_flag(trained, extra, flag):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert f"Error: {flag}: " in result.output
+
+
+@pytest.fixture
+def tiny_cnn_needs_40px(monkeypatch):
+    """As if the run's model could not run below 40 px (the registry's real one runs at any size)."""
+    real = input_size.smallest_scale
+    monkeypatch.setattr(input_size, "smallest_scale",
+                        lambda name, *, num_outputs: 40 if name == "tiny_cnn" else real(name, num_outputs=num_outputs))
+
+
+def test_evaluate_refuses_a_scale_the_model_cannot_run_at_before_reading_data(trained, tmp_path, tiny_cnn_needs_40px):
+    out, _, _ = trained
+    result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(out / "best.pt"), "--device", "cpu",
+                                       "--scales", "32,48", "--data", str(tmp_path / "absent")])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith("Error: --model: tiny_cnn cannot run at 32 px") and "40 px" in result.output
+
+
+@pytest.mark.parametrize("scale_args", [["--scale", "32"], ["--scales", "32,48"]])
+def test_predict_refuses_a_scale_the_model_cannot_run_at(trained, tiny_cnn_needs_40px, scale_args):
+    out, _, _ = trained
+    result = CliRunner().invoke(main, ["predict", "--checkpoint", str(out / "best.pt"), "--device", "cpu",
+                                       *scale_args, *_images(out, 1)])
+    assert result.exit_code == 2, result.output
+    assert "tiny_cnn cannot run at" in result.output and "40 px" in result.output
 
 
 # ---------------------------------------------------------------------------------------- predict

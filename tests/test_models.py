@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from multiscale_dali.models import input_size
+from multiscale_dali.models.input_size import check_model_scales, smallest_scale
 from multiscale_dali.models.registry import (
     TINY_CNN,
     ModelError,
@@ -161,3 +163,69 @@ def test_descriptions_cover_every_model_with_a_parameter_count():
     for name, text in described:
         assert text and "\n" not in text
         assert "params" in text, name
+
+
+# ---------------------------------------------------------------------------------------- input sizes
+def _runs_on_cpu(name: str, size: int) -> bool:
+    """The ground truth the meta-device search must agree with: a real forward pass."""
+    model = build_model(name, num_outputs=2).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list_available_models())
+def test_smallest_scale_is_where_a_real_forward_starts_to_work(name):
+    smallest = smallest_scale(name, num_outputs=2)
+    assert _runs_on_cpu(name, smallest)
+    check_model_scales(name, (smallest, smallest + 16), num_outputs=2)
+    if smallest > 1:
+        assert not _runs_on_cpu(name, smallest - 1)
+        with pytest.raises(ModelError) as info:
+            check_model_scales(name, (smallest - 1, smallest), num_outputs=2)
+        message = str(info.value)
+        assert "\n" not in message
+        assert name in message and f"{smallest - 1} px" in message and f"{smallest} px" in message
+
+
+def test_some_registered_model_has_a_smallest_scale_so_the_check_is_exercised():
+    assert any(smallest_scale(name, num_outputs=2) > 1 for name in list_available_models())
+
+
+def test_the_cpu_search_agrees_when_the_meta_device_cannot_answer(monkeypatch):
+    name = max(list_available_models(), key=lambda n: smallest_scale(n, num_outputs=2))
+    expected = smallest_scale(name, num_outputs=2)
+    real_runs = input_size._runs
+
+    def meta_without_kernels(model, size, device):
+        if device.type == "meta":
+            raise NotImplementedError("no meta kernel for this operator")
+        return real_runs(model, size, device)
+
+    monkeypatch.setattr(input_size, "_runs", meta_without_kernels)
+    smallest_scale.cache_clear()
+    try:
+        assert smallest_scale(name, num_outputs=2) == expected
+    finally:
+        smallest_scale.cache_clear()
+
+
+def test_smallest_scale_builds_each_model_once_per_head_width(monkeypatch):
+    builds = []
+    real_build = input_size.build_model
+    monkeypatch.setattr(input_size, "build_model", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    smallest_scale.cache_clear()
+    try:
+        for _ in range(3):
+            check_model_scales(TINY_CNN, (32, 48), num_outputs=5)
+        assert len(builds) == 1
+    finally:
+        smallest_scale.cache_clear()
+
+
+def test_scale_check_of_an_unknown_model_lists_the_available_names():
+    with pytest.raises(ModelError, match="'resnet9000'"):
+        check_model_scales("resnet9000", (32,), num_outputs=2)

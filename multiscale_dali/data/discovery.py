@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from multiscale_dali.errors import UserError
 from multiscale_dali.constants import DEFAULT_SPLIT_FRACTIONS, IMAGE_EXTENSIONS, SPLIT_NAMES
 
 __all__ = [
@@ -52,7 +53,7 @@ _TRAIN, _VAL, _TEST = SPLIT_NAMES
 _IMAGE_EXTENSIONS_LOWER: frozenset[str] = frozenset(ext.lower() for ext in IMAGE_EXTENSIONS)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError, flag="--data"):
     """The dataset on disk cannot be used as given; the message names the folder or file."""
 
 

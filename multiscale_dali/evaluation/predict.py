@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from multiscale_dali.errors import EXIT_FAILURE, UserError
 from multiscale_dali.constants import EVAL_CROP_FRACTION
 from multiscale_dali.evaluation.model import LoadedModel
 from multiscale_dali.pipelines.batch import normalize_nhwc_uint8
@@ -24,7 +25,7 @@ from multiscale_dali.training.losses import probabilities
 DEFAULT_PREDICT_BATCH_SIZE = 64
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError, exit_code=EXIT_FAILURE):
     """An image given to :func:`predict_images` that cannot be read; the message names the file."""
 
 

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from multiscale_dali.errors import UserError
+
 TINY_CNN = "tiny_cnn"
 # Output channels of tiny_cnn's conv-BN-ReLU blocks; each block halves the resolution, so a
 # 64 px input ends at 4x4 and 128 px at 8x8 before pooling. About 0.1M parameters: trains in
@@ -29,7 +31,7 @@ TINY_CNN_STRIDE = 2
 IMAGE_CHANNELS = 3
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError, flag="--model"):
     """A model that cannot be built as asked: unknown name, bad head width, weights unavailable."""
 
 

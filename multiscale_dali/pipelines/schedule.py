@@ -12,19 +12,56 @@ run is a schedule of one scale that grows.
 from __future__ import annotations
 
 import bisect
+import operator
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 
-def _check_scales(scales: Sequence[int], what: str) -> tuple[int, ...]:
-    scales = tuple(int(s) for s in scales)
+SCALES_EXAMPLE = "64,96,128"
+
+
+def _scale(item: object, value: object) -> int:
+    """One scale of ``value``: an int (not a bool, not a float such as 16.5) or the text of one."""
+    try:
+        if isinstance(item, str):
+            return int(item.strip())
+        if isinstance(item, bool):
+            raise TypeError
+        return operator.index(item)  # ints and NumPy ints; floats are refused, not truncated
+    except (TypeError, ValueError):
+        raise ValueError(f"{item!r} in {value!r} is not a whole number of pixels; "
+                         f"scales are positive integers, e.g. {SCALES_EXAMPLE}") from None
+
+
+def parse_scales(value: str | Iterable[int]) -> tuple[int, ...]:
+    """``"64,96,128"`` or ``[64, 96, 128]`` -> ``(64, 96, 128)``: the one rule for a list of scales.
+
+    Scales are positive integers in strictly increasing order (each scale once). Every caller (the
+    command line, TOML recipes, checkpoints, the schedules here) parses with this function, so a bad
+    list is refused the same way wherever it comes from; the ``ValueError`` names the value.
+    """
+    if isinstance(value, str):
+        items: list[object] = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, Iterable):
+        items = list(value)
+    else:
+        raise ValueError(f"{value!r} is not a list of scales, e.g. {SCALES_EXAMPLE}")
+    scales = tuple(_scale(item, value) for item in items)
     if not scales:
-        raise ValueError(f"{what}: at least one scale is required")
+        raise ValueError(f"{value!r} holds no scale; give at least one, e.g. {SCALES_EXAMPLE}")
     if any(s <= 0 for s in scales):
-        raise ValueError(f"{what}: scales must be positive integers, got {list(scales)}")
+        raise ValueError(f"{value!r}: scales must be positive, got {min(scales)}")
     if list(scales) != sorted(set(scales)):
-        raise ValueError(f"{what}: scales must be strictly increasing, got {list(scales)}")
+        raise ValueError(f"{value!r}: scales must be strictly increasing (each once, smallest first), "
+                         f"e.g. {SCALES_EXAMPLE}")
     return scales
+
+
+def _check_scales(scales: Sequence[int], what: str) -> tuple[int, ...]:
+    try:
+        return parse_scales(scales)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
 
 
 @dataclass(frozen=True)

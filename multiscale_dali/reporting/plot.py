@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from multiscale_dali.errors import EXIT_FAILURE, UserError
 from multiscale_dali.constants import CONFIG_FILE, EVAL_FILE, METRICS_FILE
 from multiscale_dali.extras import MissingExtraError
 
@@ -36,7 +37,7 @@ COLORMAP = "viridis"
 VARIANT_STYLES = {"as_trained": ("as trained", "o", "-"), "bn_recalibrated": ("BN recalibrated", "s", "--")}
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError, exit_code=EXIT_FAILURE):
     """The run directory lacks what a figure needs; the message names the file."""
 
 

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from multiscale_dali.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError, flag="--resume"):
     """A checkpoint that cannot be read; the message names the file."""
 
 

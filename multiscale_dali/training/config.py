@@ -26,7 +26,7 @@ from multiscale_dali.constants import (
     TEACHERS,
 )
 from multiscale_dali.data.discovery import validate_fractions
-from multiscale_dali.pipelines.schedule import constant_schedule
+from multiscale_dali.pipelines.schedule import parse_scales
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -39,10 +39,10 @@ RESUME_MUTABLE_KEYS = frozenset({"epochs", "out", "workers", "checkpoint_every",
                                  "scan"})
 
 
-def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
+def check_scales(scales: str | Sequence[int]) -> tuple[int, ...]:
     """Positive, strictly increasing scales (the schedule's own rule), as a ``ConfigError`` on ``scales``."""
     try:
-        return constant_schedule(scales).all_scales
+        return parse_scales(scales)
     except ValueError as err:
         raise ConfigError("scales", str(err)) from None
 
@@ -151,6 +151,8 @@ _FIELD_TYPES = {f.name: f for f in fields(TrainConfig)}
 
 def _coerce(key: str, value: Any) -> Any:
     """TOML/JSON values -> field types (lists become tuples); type errors name the key."""
+    if key == "scales":  # TOML lists, flags and checkpoints: one parser, which refuses 16.5 instead of rounding it
+        return check_scales(value)
     default = _FIELD_TYPES[key].default
     if isinstance(default, tuple):
         if isinstance(value, str):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from multiscale_dali.errors import ConfigError
+from multiscale_dali.errors import ConfigError, EXIT_FAILURE, UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ TIMEOUT_ENV = "MSDALI_DIST_TIMEOUT_S"
 PACKAGE_LOGGER = "multiscale_dali"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError, exit_code=EXIT_FAILURE):
     """The launch environment is inconsistent, or the ranks disagree about something they must share."""
 
 

@@ -7,12 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from multiscale_dali.errors import UserError
 from multiscale_dali.fileio import atomic_write_text
 from multiscale_dali.constants import METRICS_FILE, SUPERSEDED_METRICS_FILE
 from multiscale_dali.training.resume import BEST, CHECKPOINT_DIR
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(UserError, ValueError, flag="--out"):
     """The run directory already holds a run and no ``--resume`` was asked for."""
 
 

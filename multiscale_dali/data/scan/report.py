@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Mapping
 
+from multiscale_dali.errors import EXIT_FAILURE, UserError
+
 # Bad files are logged one by one up to this many; the rest are counted (a broken dataset can
 # have thousands and the log must stay readable).
 MAX_LOGGED_PROBLEMS: int = 20
@@ -29,7 +31,7 @@ REASON_CORRUPT = "truncated or corrupt"
 REASON_NOT_IMAGE_EXTENSION = "not an image extension"
 
 
-class BadImagesError(ValueError):
+class BadImagesError(UserError, ValueError, exit_code=EXIT_FAILURE, hint="Or train without them: --on-bad-file skip."):
     """Raised by :meth:`ScanResult.raise_for_bad`; the message names the bad files and reasons."""
 
 

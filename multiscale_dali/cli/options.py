@@ -1,0 +1,91 @@
+"""Flags shared by several commands, and the table of ``msdali train`` flags (one per config field)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import click
+
+from multiscale_dali.cli.params import SCALES
+from multiscale_dali.constants import BACKENDS, CONSISTENCY_TYPES, MODES, TASKS, TEACHERS
+from multiscale_dali.training.config import (
+    AMP_CHOICES,
+    BAD_FILE_POLICIES,
+    DEFAULT_DATASETS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    TrainConfig,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# (flag, config field, click type, help). Every flag defaults to None = "not given", so a recipe's
+# value survives unless the flag is on the command line.
+TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--data", "data", click.Path(file_okay=False), "ImageFolder root (class subfolders, optional train/val/test). Default: the embedded texture photos."),
+    ("--default-dataset", "default_dataset", click.Choice(DEFAULT_DATASETS), "Which embedded dataset to use without --data."),
+    ("--out", "out", click.Path(file_okay=False), "Run directory (metrics.jsonl, config.json, results.json, best.pt). Default: runs/<timestamp>."),
+    ("--backend", "backend", click.Choice(BACKENDS), "Data pipeline: auto picks DALI when it imports."),
+    ("--mode", "mode", click.Choice(MODES), "multiscale: all scales every step; progressive: one growing scale."),
+    ("--scales", "scales", SCALES, "Comma-separated increasing scales. multiscale: all of them every step; progressive: a ramp from the first to the last (more than two: the ramp's steps)."),
+    ("--schedule", "schedule", str, "progressive only: explicit EPOCH:SCALE steps, e.g. 0:64,3:96,6:128 (replaces the ramp)."),
+    ("--ramp-multiple", "ramp_multiple", int, "progressive ramp between two scales: intermediate scales snap to this multiple."),
+    ("--epochs", "epochs", int, "Number of epochs."),
+    ("--batch-size", "batch_size", int, "Batch size per process."),
+    ("--model", "model", str, "Model name (see `msdali models`)."),
+    ("--pretrained/--no-pretrained", "pretrained", None, "Start from cached torchvision weights (never downloaded)."),
+    ("--task", "task", click.Choice(TASKS), "binary (one logit, BCE) or multiclass (CE); auto: binary for 2 classes."),
+    ("--consistency-weight", "consistency_weight", float, "multiscale only: weight of the scale-consistency loss (0 = off)."),
+    ("--consistency-type", "consistency_type", click.Choice(CONSISTENCY_TYPES), "Divergence between scales."),
+    ("--teacher", "teacher", click.Choice(TEACHERS), "Consistency target: largest scale or ensemble mean."),
+    ("--optimizer", "optimizer", click.Choice(OPTIMIZERS), "Optimizer."),
+    ("--lr", "lr", float, "Peak learning rate."),
+    ("--weight-decay", "weight_decay", float, "Weight decay (decoupled for AdamW)."),
+    ("--momentum", "momentum", float, "SGD momentum (Nesterov)."),
+    ("--lr-schedule", "lr_schedule", click.Choice(LR_SCHEDULES), "Learning-rate schedule (per step)."),
+    ("--warmup-epochs", "warmup_epochs", float, "Linear warm-up length in epochs."),
+    ("--amp", "amp", click.Choice(AMP_CHOICES), "Mixed precision; auto = bf16/fp16 on CUDA, off on CPU."),
+    ("--channels-last/--no-channels-last", "channels_last", None, "channels_last memory format."),
+    ("--memory-efficient/--no-memory-efficient", "memory_efficient", None, "Backward one scale at a time (lower peak memory)."),
+    ("--grad-clip", "grad_clip", float, "Clip gradient norm to this value (0 = off)."),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N."),
+    ("--workers", "workers", int, "DALI threads / torchvision loader workers."),
+    ("--seed", "seed", int, "Random seed (data order, crops, initialisation)."),
+    ("--split-fractions", "split_fractions", str, "train,val,test fractions when --data has no train/val/test folders."),
+    ("--checkpoint-every", "checkpoint_every", int, "Also checkpoint every N steps (0 = at epoch ends only)."),
+    ("--on-bad-file", "on_bad_file", click.Choice(BAD_FILE_POLICIES), "Unreadable images found by the pre-flight scan: stop, or train without them."),
+    ("--max-image-pixels", "max_image_pixels", int, "Reject images whose header claims more pixels (decompression bombs)."),
+    ("--scan/--no-scan", "scan", None, "Pre-flight check of every image (cached per file); --no-scan trusts the data."),
+]
+TRAIN_FIELDS: tuple[str, ...] = tuple(field for _, field, _, _ in TRAIN_FLAGS)
+
+
+def _default_text(field: str) -> str:
+    value = getattr(TrainConfig(), field)
+    if value is None or field == "out":
+        return ""
+    if isinstance(value, tuple):
+        value = ",".join(str(v) for v in value)
+    elif isinstance(value, bool):
+        value = "on" if value else "off"
+    return f" [default: {value}]" if value != "" else ""
+
+
+def train_options(func: F) -> F:
+    """Every TRAIN_FLAGS flag, defaulting to None; --help shows TrainConfig's own defaults, so it cannot drift."""
+    for flag, field, kind, help_text in reversed(TRAIN_FLAGS):
+        help_text += _default_text(field)
+        if kind is None:
+            func = click.option(flag, default=None, help=help_text)(func)
+        else:
+            func = click.option(flag, type=kind, default=None, help=help_text)(func)
+    return func
+
+
+def checkpoint_option(func: F) -> F:
+    return click.option("--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False),
+                        help="A run's best.pt, or its checkpoints/last.pt.")(func)
+
+
+def device_option(func: F) -> F:
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)

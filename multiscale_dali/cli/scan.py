@@ -1,0 +1,51 @@
+"""``msdali scan``: check every file by content before training, and say what is bad."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from multiscale_dali.cli.progress import bars_enabled
+from multiscale_dali.data.discovery import DataError
+
+
+@click.command()
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Folder to scan (every file under it). Default: the embedded texture photos.")
+@click.option("--max-image-pixels", type=int, default=None, help="Decompression-bomb cap, from the header.")
+@click.option("--manifest", type=click.Path(dir_okay=False), default=None,
+              help="Also write the full report as JSON here.")
+def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -> None:
+    """Check every file by content before training: what is bad, what will be converted.
+
+    Exit code 1 when a bad image is found. Results are cached per file (size, mtime), so a
+    second scan of unchanged files decodes nothing; `msdali train` runs the same scan.
+    """
+    from multiscale_dali.data.scan import DEFAULT_MAX_PIXELS, scan_tree
+    from multiscale_dali.fileio import atomic_write_text
+    from multiscale_dali.reporting.progress import CountProgress
+    from multiscale_dali.training.config import TrainConfig
+    from multiscale_dali.training.run import dataset_root, scan_cache_path
+
+    root = Path(data) if data else dataset_root(TrainConfig())
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory")
+    with CountProgress(desc="scan", unit="file", enabled=bars_enabled()) as progress:
+        result = scan_tree(root, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS, cache_path=scan_cache_path(root),
+                           on_progress=progress)
+    for report in result.bad:
+        click.echo(f"BAD       {report.path}: {report.reason}")
+    for report in result.converted:
+        click.echo(f"converted {report.path}: {report.note}")
+    for report in result.ignored:
+        click.echo(f"ignored   {report.path}: {report.reason}")
+    for folder in result.empty_dirs:
+        click.echo(f"empty     {folder}")
+    if manifest:
+        atomic_write_text(manifest, result.to_json())
+    counts = result.counts()
+    click.echo(", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" ({result.cached_count} from cache)")
+    if result.bad:
+        sys.exit(1)
