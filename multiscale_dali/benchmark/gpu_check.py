@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -56,6 +57,7 @@ MIN_PART_S = 30.0
 # pytest's exit code when no test was selected (here: no test is marked gpu).
 PYTEST_NO_TESTS = 5
 _OUTPUT_TAIL = 2000
+SELF_TEST = "test_gpu_check.py"
 _SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
 _OPTIONAL_DISTS = ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "onnx", "onnxruntime", "timm")
 
@@ -76,7 +78,7 @@ class GpuCheckConfig:
     budget_s: float = 480.0
     pytest_timeout_s: float = 240.0
     benchmark_timeout_s: float = 240.0
-    tests_dir: Path | None = None  # None: the tests/ folder of the source checkout
+    tests_dir: Path | None = None  # None: the tests/ folder of the source checkout, if run from one
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -145,17 +147,33 @@ def parse_pytest_summary(output: str) -> dict[str, int]:
     return counts
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+def _source_tests() -> Path | None:
+    """``tests/`` of the source checkout this package runs from; None for an installed wheel (whose
+    site-packages may hold some other project's ``tests``)."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "setup.cfg").is_file() and (root / "tests").is_dir():
+        return root / "tests"
+    return None
+
+
+def _subprocess_env() -> dict[str, str]:
+    """This environment, with the package this process runs from first on PYTHONPATH (as the memory
+    probe of core.py does), so a subprocess measures the same code."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _pytest_part(config: GpuCheckConfig) -> Part:
     def run(left: float) -> dict[str, Any]:
-        tests = config.tests_dir or _repo_root() / "tests"
-        if not tests.is_dir():
-            raise PartSkipped(f"no tests folder at {tests} (run from a source checkout)")
-        command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(tests)]
-        done = subprocess.run(command, cwd=tests.parent, capture_output=True, text=True,
+        tests = config.tests_dir or _source_tests()
+        if tests is None or not tests.is_dir():
+            raise PartSkipped("no tests folder: run from a source checkout (the installed package ships none)")
+        # This module's own GPU test runs the whole check: inside the check it would recurse.
+        command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(tests),
+                   f"--ignore={tests / SELF_TEST}"]
+        done = subprocess.run(command, cwd=tests.parent, capture_output=True, text=True, env=_subprocess_env(),
                               timeout=min(config.pytest_timeout_s, left))
         output = done.stdout + done.stderr
         counts = parse_pytest_summary(output)
@@ -218,7 +236,7 @@ def _benchmark_part(config: GpuCheckConfig, device: str, json_out: Path) -> Part
                    "--scales", ",".join(map(str, config.scales)), "--batch-size", str(config.batch_size),
                    "--model", config.model, "--iters", "10", "--warmup", "2", "--repeats", "1",
                    "--workers", str(core.usable_cpus()), "--device", device, "--json", str(json_out)]
-        done = subprocess.run(command, cwd=_repo_root(), capture_output=True, text=True,
+        done = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(),
                               timeout=min(config.benchmark_timeout_s, left))
         if done.returncode != 0:
             raise RuntimeError(f"msdali benchmark exited {done.returncode}: {(done.stdout + done.stderr)[-_OUTPUT_TAIL:]}")
