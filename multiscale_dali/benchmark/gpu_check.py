@@ -239,7 +239,8 @@ def _benchmark_part(config: GpuCheckConfig, device: str, json_out: Path) -> Part
         done = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(),
                               timeout=min(config.benchmark_timeout_s, left))
         if done.returncode != 0:
-            raise RuntimeError(f"msdali benchmark exited {done.returncode}: {(done.stdout + done.stderr)[-_OUTPUT_TAIL:]}")
+            output = (done.stdout + done.stderr)[-_OUTPUT_TAIL:]
+            raise RuntimeError(f"msdali benchmark exited {done.returncode}: {output}")
         results = json.loads(json_out.read_text())
         loaders = {name: entry["best"]["images_per_s"]["median"] for name, entry in results.get("loader", {}).items()
                    if "best" in entry}
