@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test gpu-test benchmark clean
+.PHONY: demo test gpu-test gpu-check benchmark clean
 
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 gpu-test: $(STAMP)
 	$(BIN)/python -m pytest -m gpu
+
+# On a CUDA machine: the gpu tests, a CUDA AMP training step, CUDA step memory and the benchmark,
+# into one JSON naming the device (parts that need DALI are skipped where it is not installed).
+gpu-check: $(STAMP)
+	$(BIN)/python -m multiscale_dali.benchmark.gpu_check --out gpu-check.json
 
 benchmark: $(STAMP)
 	$(BIN)/msdali benchmark
