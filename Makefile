@@ -24,8 +24,11 @@ gpu-test: $(STAMP)
 
 # On a CUDA machine: the gpu tests, a CUDA AMP training step, CUDA step memory and the benchmark,
 # into one JSON naming the device (parts that need DALI are skipped where it is not installed).
-gpu-check: $(STAMP)
-	$(BIN)/python -m multiscale_dali.benchmark.gpu_check --out gpu-check.json
+# No install step: a GPU box (an NGC container, a cluster node) already has a CUDA torch and often no
+# network, so the package runs from this checkout with the venv's python if there is one, else python3.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m multiscale_dali.benchmark.gpu_check --out gpu-check.json
 
 benchmark: $(STAMP)
 	$(BIN)/msdali benchmark
