@@ -9,7 +9,7 @@ error) plus its figures:
   ``msdali train`` runs them (AMP auto, i.e. bf16 where supported; channels_last), fed by DALI when it
   is installed and by the torchvision backend otherwise, on synthetic JPEGs; the loss must stay finite;
 * ``step_memory``: CUDA peak memory of one naive vs one memory-efficient multi-scale step, each in a
-  fresh process (:func:`~multiscale_dali.benchmark.core.measure_step_memory`);
+  fresh process (:func:`~multiscale_dali.benchmark.memory.measure_step_memory`);
 * ``benchmark``: a short ``msdali benchmark --synthetic N`` in a subprocess (``python -m
   multiscale_dali.cli benchmark``); its full JSON is written beside ``--out``.
 
@@ -39,7 +39,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from multiscale_dali.benchmark import core
+from multiscale_dali.benchmark.config import BYTES_PER_MIB, DALI, TORCHVISION
+from multiscale_dali.benchmark.dataset import BenchData, resolve_data
+from multiscale_dali.benchmark.loaders import batch_stream, make_loader
+from multiscale_dali.benchmark.machine import describe_machine, usable_cpus
+from multiscale_dali.benchmark.memory import MEMORY_MODES, measure_step_memory
+from multiscale_dali.benchmark.step import make_trainer
 from multiscale_dali.fileio import atomic_write_text
 from multiscale_dali.pipelines.factory import dali_installed
 from multiscale_dali.pipelines.schedule import constant_schedule
@@ -158,7 +163,7 @@ def _source_tests() -> Path | None:
 
 def _subprocess_env() -> dict[str, str]:
     """This environment, with the package this process runs from first on PYTHONPATH (as the memory
-    probe of core.py does), so a subprocess measures the same code."""
+    probe of benchmark.memory does), so a subprocess measures the same code."""
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -185,21 +190,21 @@ def _pytest_part(config: GpuCheckConfig) -> Part:
     return run
 
 
-def _data(config: GpuCheckConfig) -> core.BenchData:
-    return core.resolve_data(data=None, synthetic=config.synthetic)
+def _data(config: GpuCheckConfig) -> BenchData:
+    return resolve_data(data=None, synthetic=config.synthetic)
 
 
 def _train_step_part(config: GpuCheckConfig, device: str) -> Part:
     def run(left: float) -> dict[str, Any]:
         data = _data(config)
-        backend = core.DALI if dali_installed() else core.TORCHVISION
+        backend = DALI if dali_installed() else TORCHVISION
         spec = LoaderSpec(files=data.files, labels=data.labels, schedule=constant_schedule(config.scales),
-                          batch_size=config.batch_size, train=True, device=device, num_workers=core.usable_cpus(),
+                          batch_size=config.batch_size, train=True, device=device, num_workers=usable_cpus(),
                           drop_last=True, channels_last=True)
-        trainer = core.make_trainer(model=config.model, num_classes=data.num_classes, scales=config.scales,
+        trainer = make_trainer(model=config.model, num_classes=data.num_classes, scales=config.scales,
                                     device=device)
-        loader = core.make_loader(backend, spec)
-        stream = core.batch_stream(loader)
+        loader = make_loader(backend, spec)
+        stream = batch_stream(loader)
         try:
             first = next(stream)
             layouts = {s: x.is_contiguous(memory_format=torch.channels_last) for s, x in first.images.items()}
@@ -221,11 +226,11 @@ def _train_step_part(config: GpuCheckConfig, device: str) -> Part:
 def _memory_part(config: GpuCheckConfig, device: str) -> Part:
     def run(left: float) -> dict[str, Any]:
         data = _data(config)
-        result = core.measure_step_memory(model=config.model, num_classes=data.num_classes, scales=config.scales,
+        result = measure_step_memory(model=config.model, num_classes=data.num_classes, scales=config.scales,
                                           batch_size=config.batch_size, device=device)
-        mib = {mode: result[mode]["step_bytes"] / core.BYTES_PER_MIB for mode in core.MEMORY_MODES}
+        mib = {mode: result[mode]["step_bytes"] / BYTES_PER_MIB for mode in MEMORY_MODES}
         return {"model": config.model, "step_mib": mib, "peak_mib": {
-            mode: result[mode]["peak_bytes"] / core.BYTES_PER_MIB for mode in core.MEMORY_MODES},
+            mode: result[mode]["peak_bytes"] / BYTES_PER_MIB for mode in MEMORY_MODES},
             "memory_efficient_vs_naive": result["memory_efficient_vs_naive"], "method": result["method"]}
     return run
 
@@ -235,7 +240,7 @@ def _benchmark_part(config: GpuCheckConfig, device: str, json_out: Path) -> Part
         command = [sys.executable, "-m", "multiscale_dali.cli", "benchmark", "--synthetic", str(config.synthetic),
                    "--scales", ",".join(map(str, config.scales)), "--batch-size", str(config.batch_size),
                    "--model", config.model, "--iters", "10", "--warmup", "2", "--repeats", "1",
-                   "--workers", str(core.usable_cpus()), "--device", device, "--json", str(json_out)]
+                   "--workers", str(usable_cpus()), "--device", device, "--json", str(json_out)]
         done = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(),
                               timeout=min(config.benchmark_timeout_s, left))
         if done.returncode != 0:
@@ -277,7 +282,7 @@ def run_gpu_check(config: GpuCheckConfig, *, out: Path) -> dict[str, Any]:
     device = str(torch.device("cuda", 0)) if cuda else "cpu"
     report: dict[str, Any] = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "cuda": cuda, "device": torch.cuda.get_device_name(0) if cuda else None,
-                              "machine": core.describe_machine(device), "versions": _versions(),
+                              "machine": describe_machine(device), "versions": _versions(),
                               "config": {"model": config.model, "scales": list(config.scales),
                                          "batch_size": config.batch_size, "synthetic": config.synthetic,
                                          "budget_s": config.budget_s}}
