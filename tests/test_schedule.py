@@ -1,3 +1,4 @@
+import math
 import pickle
 
 import pytest
@@ -86,3 +87,14 @@ def test_ramp_with_levels_visits_only_the_listed_scales_in_order():
     scales = [s for (s,) in schedule.describe(12)]
     assert set(scales) == {64, 96, 160}
     assert scales == sorted(scales) and scales[0] == 64 and scales[-1] == 160
+
+
+def test_default_ramp_reaches_the_final_scale_within_the_first_quarter_and_stays():
+    """The final scale must get most epochs, while the learning rate is high (docs/results.md)."""
+    for epochs in (4, 8, 30, 88):
+        scales = [s for (s,) in linear_ramp_schedule(min_scale=16, max_scale=32, epochs=epochs,
+                                                     levels=(16, 24, 32)).describe(epochs)]
+        first_final = scales.index(32)
+        assert scales[0] == 16 and first_final <= math.ceil(epochs / 4)
+        assert scales[first_final:] == [32] * (epochs - first_final)
+        assert scales == sorted(scales)
