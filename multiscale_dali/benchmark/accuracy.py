@@ -50,7 +50,10 @@ class Variant:
     name: str
     description: str
     flags: tuple[str, ...]
-    single_scale: bool = False
+    top_scales: int | None = None  # train on only the largest N of the dataset's scales (None: all)
+
+    def scales(self, dataset: Dataset) -> tuple[int, ...]:
+        return dataset.scales[-self.top_scales:] if self.top_scales else dataset.scales
 
 
 DATASETS: dict[str, Dataset] = {
@@ -66,12 +69,15 @@ RECIPE_FLAGS: tuple[str, ...] = ("--auto-augment", "trivial", "--mixup", "0.2", 
                                  "--label-smoothing", "0.1", "--ema-decay", "0.99")
 
 VARIANTS: dict[str, Variant] = {
-    "single": Variant("single", "single scale (the top one)", ("--consistency-weight", "0"), single_scale=True),
+    "single": Variant("single", "single scale (the top one)", ("--consistency-weight", "0"), top_scales=1),
     "multiscale": Variant("multiscale", "all scales every step, no consistency", ("--consistency-weight", "0")),
     "consistency": Variant("consistency", "multi-scale + KL consistency 0.5", ("--consistency-weight", "0.5")),
     "recipe": Variant("recipe", "multi-scale + consistency + recipe (TrivialAugment, MixUp 0.2/CutMix 1.0, "
                       "label smoothing 0.1, EMA 0.99)", ("--consistency-weight", "0.5", *RECIPE_FLAGS)),
-    "progressive": Variant("progressive", "progressive (default schedule), equal epochs", ("--mode", "progressive")),
+    "progressive": Variant("progressive", "progressive over all scales (default ramp), equal epochs",
+                           ("--mode", "progressive", "--consistency-weight", "0")),
+    "progressive-top2": Variant("progressive-top2", "progressive between the top two scales (default ramp), "
+                                "equal epochs", ("--mode", "progressive", "--consistency-weight", "0"), top_scales=2),
 }
 
 
@@ -93,7 +99,7 @@ def run_one(dataset: Dataset, variant: Variant, seed: int, *, work: Path, backen
     eval_json = run_dir / "eval-sweep.json"
     timing_json = run_dir / "timing.json"
     if not eval_json.is_file():
-        scales = (dataset.top,) if variant.single_scale else dataset.scales
+        scales = variant.scales(dataset)
         train = _cli("train", *_data_flags(dataset), "--out", str(run_dir), "--seed", str(seed), "--backend", backend,
                      "--model", "tiny_cnn", "--epochs", str(dataset.epochs), "--batch-size", "32", "--lr", "2e-3",
                      "--warmup-epochs", "1", "--scales", ",".join(map(str, scales)), *dataset.flags, *variant.flags)
