@@ -31,13 +31,6 @@ class UserErrorExit(click.ClickException):
         self.exit_code = err.exit_code
 
 
-def _diverged(err: RuntimeError) -> bool:
-    # Imported only on this error path: the trainer brings torch, which `msdali --help` should not wait for.
-    from multiscale_dali.training.trainer import NonFiniteLossError
-
-    return isinstance(err, NonFiniteLossError)
-
-
 class MsdaliGroup(click.Group):
     """The command group; it turns the library's user errors into messages, for every command at once."""
 
@@ -46,13 +39,6 @@ class MsdaliGroup(click.Group):
             return super().invoke(ctx)
         except UserError as err:
             raise UserErrorExit(err) from None
-        except click.exceptions.Exit:  # --help and ctx.exit(): a RuntimeError, but no failure
-            raise
-        except RuntimeError as err:
-            if not _diverged(err):
-                raise
-            # Not the input's fault, yet the user's to fix: the message says how (learning rate, AMP).
-            raise click.ClickException(str(err)) from None
 
 
 @click.group(cls=MsdaliGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from multiscale_dali.errors import EXIT_FAILURE, UserError
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.pipelines.schedule import ScaleSchedule
 from multiscale_dali.training.best import BestEpoch
@@ -37,8 +38,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive steps with a NaN/inf loss."""
+class NonFiniteLossError(UserError, RuntimeError, exit_code=EXIT_FAILURE):
+    """Raised after too many consecutive steps with a NaN/inf loss: not the input's fault, yet the
+    user's to fix (the message says how: learning rate, AMP), so the CLI shows it as one line."""
 
 
 class MultiScaleModel(nn.Module):
