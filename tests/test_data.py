@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from multiscale_dali.constants import SPLIT_NAMES
+from multiscale_dali.constants import IMAGE_EXTENSIONS, SPLIT_NAMES
 from multiscale_dali.data.discovery import (
     DataError,
     DatasetSplits,
@@ -261,6 +261,23 @@ def test_images_in_nested_subfolders_of_a_class_are_found(tmp_path: Path) -> Non
 def test_is_image_file() -> None:
     assert is_image_file("x.jpg") and is_image_file("X.JPG") and is_image_file("y.Png")
     assert not is_image_file("notes.txt") and not is_image_file(".x.jpg") and not is_image_file("jpg")
+    # The same answer as the extension rule it implements (os.path.splitext), on awkward names.
+    for name in ("a.b.JPEG", "a.jpg.txt", "a..png", "tif", "a.tiff", "a.TIF ", "a.", "x.webp", "x.jpgx"):
+        expected = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        assert is_image_file(name) == expected, name
+
+
+def test_symlinked_folders_are_followed_but_a_loop_lists_each_file_once(tmp_path: Path) -> None:
+    _make_class_folders(tmp_path, {"a": 2, "b": 2})
+    elsewhere = tmp_path.parent / f"{tmp_path.name}_extra"
+    _write_image(elsewhere / "linked.jpg")
+    os.symlink(elsewhere, tmp_path / "a" / "extra")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "loop")
+
+    files = _all_files(discover_dataset(tmp_path))
+
+    assert sum(1 for f in files if f.endswith("linked.jpg")) == 1
+    assert len(files) == 5
 
 
 # --- errors name the bad folder ------------------------------------------------------------------

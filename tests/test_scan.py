@@ -234,13 +234,16 @@ def test_manifest_and_result_json_round_trip(zoo: Path, tmp_path: Path) -> None:
     assert ScanResult.from_json(result.to_json()) == result
 
     manifest = json.loads(cache.read_text())
-    entries = manifest["entries"]
+    assert manifest["version"] == 2
     scanned = {r.path: r for r in result.reports if r.kind != "ignored"}
-    assert set(entries) == set(scanned)
-    for path, entry in entries.items():
-        assert FileReport.from_dict(entry["report"]) == scanned[path]
-        size, mtime_ns, limit = entry["key"]
-        assert (size, mtime_ns, limit) == (os.stat(path).st_size, os.stat(path).st_mtime_ns, DEFAULT_MAX_PIXELS)
+    cached = {}
+    for directory, record in manifest["dirs"].items():
+        assert record["names"] == sorted(record["names"]) and record["limit"] == DEFAULT_MAX_PIXELS
+        for i, name in enumerate(record["names"]):
+            path = os.path.join(directory, name)
+            cached[path] = FileReport(path, *record["findings"][record["index"][i]])
+            assert record["keys"][2 * i : 2 * i + 2] == [os.stat(path).st_size, os.stat(path).st_mtime_ns]
+    assert cached == scanned
 
 
 def test_filter_good_keeps_labels_aligned(

@@ -47,8 +47,12 @@ def padded_sample_order(num_samples: int, num_shards: int, order: Sequence[int] 
     ``DistributedSampler`` does.
     """
     order = list(range(num_samples)) if order is None else list(order)
+    if not order:
+        return []
     total = math.ceil(num_samples / num_shards) * num_shards
-    return [order[i % num_samples] for i in range(total)]
+    # Whole copies then a head: list operations in C (this runs over every file at each loader build).
+    copies, rest = divmod(total, num_samples)
+    return order * copies + order[:rest]
 
 
 def padding_mask(spec: LoaderSpec, step: int, size: int) -> torch.Tensor | None:

@@ -30,12 +30,15 @@ decode differently) in DALI, so the scan rejects them:
 A fuzz test (random byte damage to each format) checks that DALI decodes every file the scan
 accepts.
 
-Verdicts can be cached in a JSON manifest keyed by (absolute path, size, mtime_ns, pixel limit),
-so re-running a training job re-decodes only files that changed.
+Verdicts can be cached in a JSON manifest with one record per directory, each file keyed by (name,
+size, mtime_ns) under one pixel limit, so re-running a training job re-decodes only files that
+changed, and confirming an unchanged tree costs one stat per file and one list comparison per
+directory (about 0.3 s of CPU per 100,000 files).
 
-Modules: ``report`` (verdict kinds, reasons, :class:`FileReport`, :class:`ScanResult`),
-``rules`` (the verdict on one file), ``formats`` (byte-level PNG/JPEG/TIFF structure checks),
-``strict`` (the Pillow settings a scan runs under), ``cache`` (the manifest) and ``tree`` (the
+Modules: ``report`` (verdict kinds, reasons, :class:`FileReport`, :class:`ReportTable`,
+:class:`ScanResult`), ``rules`` (the verdict on one file), ``formats`` (byte-level PNG/JPEG/TIFF
+structure checks), ``strict`` (the Pillow settings a scan runs under), ``cache`` (the manifest and
+its directory records), ``lookup`` (what the manifest knows about a list of files) and ``tree`` (the
 scans of a file list or a folder, on worker threads).
 """
 

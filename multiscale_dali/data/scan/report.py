@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, overload
 
 from multiscale_dali.errors import EXIT_FAILURE, UserError
 
@@ -18,6 +19,7 @@ KIND_CONVERTED: ReportKind = "converted"
 KIND_BAD: ReportKind = "bad"
 KIND_IGNORED: ReportKind = "ignored"
 _KINDS: frozenset[str] = frozenset((KIND_OK, KIND_CONVERTED, KIND_BAD, KIND_IGNORED))
+_USABLE_KINDS: frozenset[str] = frozenset((KIND_OK, KIND_CONVERTED))
 
 # ``reason`` always starts with one of these, followed by ": <details>", so callers and tests can
 # branch on the category while people read the details.
@@ -56,7 +58,12 @@ class FileReport:
     @property
     def ok(self) -> bool:
         """True when the file may be handed to a loader (kind ``ok`` or ``converted``)."""
-        return self.kind in (KIND_OK, KIND_CONVERTED)
+        return self.kind in _USABLE_KINDS
+
+    @property
+    def finding(self) -> Finding:
+        """The verdict without the path, which many files share (see :class:`ReportTable`)."""
+        return (self.kind, self.reason, self.note, self.format, self.width, self.height)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
@@ -74,46 +81,151 @@ class FileReport:
         )
 
 
+# A report without its path: (kind, reason, note, format, width, height), FileReport's field order.
+Finding = tuple[str, str, str, str, int, int]
+
+
+class ReportTable(Sequence[FileReport]):
+    """The reports of many files as two parallel lists, each file's absolute path and an index into
+    the distinct findings the files share, plus those findings.
+
+    A cached check of a million files then costs two lists instead of a million objects; a
+    :class:`FileReport` is made only for a file someone looks at. Counting, picking the bad files
+    and the set of good paths work on the indices. Compares equal to any sequence of the same reports.
+    """
+
+    __slots__ = ("paths", "index", "findings")
+
+    def __init__(self, paths: Sequence[str], index: Sequence[int], findings: Sequence[Finding]) -> None:
+        if len(paths) != len(index):
+            raise ValueError(f"{len(paths)} paths but {len(index)} finding indices")
+        if index and not 0 <= min(index) <= max(index) < len(findings):
+            raise ValueError(f"finding index outside 0..{len(findings) - 1}")
+        self.paths: tuple[str, ...] = tuple(paths)
+        self.index: tuple[int, ...] = tuple(index)
+        self.findings: tuple[Finding, ...] = tuple(findings)
+
+    @classmethod
+    def from_reports(cls, reports: Iterable[FileReport]) -> ReportTable:
+        ids: dict[Finding, int] = {}
+        paths: list[str] = []
+        index: list[int] = []
+        for report in reports:
+            paths.append(report.path)
+            index.append(ids.setdefault(report.finding, len(ids)))
+        return cls(paths, index, list(ids))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, i: int) -> FileReport: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[FileReport, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> FileReport | tuple[FileReport, ...]:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        return FileReport(self.paths[i], *self.findings[self.index[i]])
+
+    def __iter__(self) -> Iterator[FileReport]:
+        findings = self.findings
+        return (FileReport(p, *findings[k]) for p, k in zip(self.paths, self.index))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ReportTable):
+            return self.paths == other.paths and [self.findings[k] for k in self.index] == [
+                other.findings[k] for k in other.index]
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.paths, tuple(self.findings[k] for k in self.index)))
+
+    def __repr__(self) -> str:
+        return f"ReportTable({len(self)} reports, {len(self.findings)} distinct findings)"
+
+    def kind_counts(self) -> Counter[str]:
+        """Reports per kind (kinds without a report are absent)."""
+        counts: Counter[str] = Counter()
+        for k, n in Counter(self.index).items():
+            counts[self.findings[k][0]] += n
+        return counts
+
+    def of_kinds(self, kinds: Iterable[str]) -> tuple[FileReport, ...]:
+        """The reports of the given kinds, in table order."""
+        kinds = frozenset(kinds)
+        wanted = {k for k, finding in enumerate(self.findings) if finding[0] in kinds}
+        if not wanted:
+            return ()
+        findings = self.findings
+        return tuple(FileReport(p, *findings[k]) for p, k in zip(self.paths, self.index) if k in wanted)
+
+    def ok_paths(self) -> frozenset[str]:
+        """The paths whose report lets a loader read the file (kind ``ok`` or ``converted``)."""
+        usable = {k for k, finding in enumerate(self.findings) if finding[0] in _USABLE_KINDS}
+        if len(usable) == len(self.findings):
+            return frozenset(self.paths)
+        return frozenset(p for p, k in zip(self.paths, self.index) if k in usable)
+
+    def sorted_by_path(self) -> ReportTable:
+        order = sorted(range(len(self.paths)), key=self.paths.__getitem__)
+        return ReportTable([self.paths[i] for i in order], [self.index[i] for i in order], self.findings)
+
+    def __add__(self, other: ReportTable) -> ReportTable:
+        if not isinstance(other, ReportTable):
+            return NotImplemented
+        ids = {finding: k for k, finding in enumerate(self.findings)}
+        remap = [ids.setdefault(finding, len(ids)) for finding in other.findings]
+        return ReportTable(self.paths + other.paths, self.index + tuple(remap[k] for k in other.index), list(ids))
+
+
 @dataclass(frozen=True)
 class ScanResult:
     """All reports of one scan, in input order (:func:`scan_files`) or path order (:func:`scan_tree`).
 
     ``empty_dirs`` lists folders holding no image file and no subfolder (from :func:`scan_tree`);
     ``cached_count`` is how many verdicts came from the manifest without opening the file.
+    ``reports`` may be given as any iterable of reports; it is kept as a :class:`ReportTable`.
     """
 
-    reports: tuple[FileReport, ...]
+    reports: ReportTable
     empty_dirs: tuple[str, ...] = ()
     cached_count: int = 0
 
+    def __post_init__(self) -> None:
+        # Normalised once, here, so every property below can work on the table's indices.
+        if not isinstance(self.reports, ReportTable):
+            object.__setattr__(self, "reports", ReportTable.from_reports(self.reports))
+        object.__setattr__(self, "empty_dirs", tuple(self.empty_dirs))
+
     @property
     def bad(self) -> tuple[FileReport, ...]:
-        return tuple(r for r in self.reports if r.kind == KIND_BAD)
+        return self.reports.of_kinds((KIND_BAD,))
 
     @property
     def converted(self) -> tuple[FileReport, ...]:
-        return tuple(r for r in self.reports if r.kind == KIND_CONVERTED)
+        return self.reports.of_kinds((KIND_CONVERTED,))
 
     @property
     def ignored(self) -> tuple[FileReport, ...]:
-        return tuple(r for r in self.reports if r.kind == KIND_IGNORED)
+        return self.reports.of_kinds((KIND_IGNORED,))
 
     @property
     def good_paths(self) -> frozenset[str]:
         """Absolute paths of the files a loader may read (kind ``ok`` or ``converted``)."""
-        return frozenset(r.path for r in self.reports if r.ok)
+        return self.reports.ok_paths()
 
     @property
     def ok(self) -> bool:
         """No bad file. Ignored files and empty folders are not errors at this level: whether an
         empty class folder is fatal is the dataset layout's decision."""
-        return not self.bad
+        return not self.reports.kind_counts()[KIND_BAD]
 
     def counts(self) -> dict[str, int]:
-        counts = {kind: 0 for kind in (KIND_OK, KIND_CONVERTED, KIND_BAD, KIND_IGNORED)}
-        for report in self.reports:
-            counts[report.kind] += 1
-        return counts
+        found = self.reports.kind_counts()
+        return {kind: found[kind] for kind in (KIND_OK, KIND_CONVERTED, KIND_BAD, KIND_IGNORED)}
 
     def describe_bad(self, *, limit: int = MAX_LOGGED_PROBLEMS) -> str:
         """One line per bad file (``path: reason``), at most ``limit`` of them, then a count."""

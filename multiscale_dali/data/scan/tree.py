@@ -14,16 +14,16 @@ from PIL import Image
 from multiscale_dali.constants import DEFAULT_MAX_PIXELS
 from multiscale_dali.data.discovery import is_image_file
 from multiscale_dali.data.scan.cache import Manifest
+from multiscale_dali.data.scan.lookup import CacheLookup, unique_abs_paths
 from multiscale_dali.data.scan.report import (
     KIND_BAD,
     KIND_CONVERTED,
     KIND_IGNORED,
     KIND_OK,
     MAX_LOGGED_PROBLEMS,
-    REASON_UNREADABLE,
     FileReport,
+    ReportTable,
     ScanResult,
-    bad_report,
 )
 from multiscale_dali.data.scan.rules import Verdict, check_file, ignored_report
 from multiscale_dali.data.scan.strict import strict_pillow
@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 # Pillow releases the GIL while decoding, so threads overlap decodes; two matches the 2-core
 # machines this project targets and leaves a scan from hogging a shared training node.
 DEFAULT_SCAN_WORKERS: int = 2
-# A file waiting for its verdict: absolute path and cache key (size, mtime_ns, pixel limit).
-_Pending = tuple[str, tuple[int, int, int]]
 
 
 def effective_max_pixels(max_pixels: int) -> int:
@@ -69,18 +67,16 @@ def scan_files(
     different settings.
     """
     limit = _checked_limit(max_pixels=max_pixels, workers=workers)
-    abs_paths = list(dict.fromkeys(os.path.abspath(os.fspath(p)) for p in paths))
+    abs_paths = unique_abs_paths(paths)
     manifest = Manifest.load(Path(cache_path) if cache_path is not None else None)
-    reports, to_check, cached_count = _reports_from_cache(abs_paths, manifest, limit=limit)
-    verdicts = _check_all(to_check, limit=limit, workers=workers, on_progress=on_progress)
-    for (abs_path, key), verdict in zip(to_check, verdicts):
-        reports[abs_path] = verdict.report
-        if verdict.cacheable:
-            manifest.store(abs_path, key, verdict.report)
-    if to_check:
-        manifest.save()
+    lookup = CacheLookup(abs_paths, manifest, limit=limit)
+    verdicts = _check_all([p.path for p in lookup.pending], limit=limit, workers=workers, on_progress=on_progress)
+    for pending, verdict in zip(lookup.pending, verdicts):
+        lookup.settle(pending, verdict.report, cacheable=verdict.cacheable)
+    lookup.store()
+    manifest.save()
 
-    result = ScanResult(reports=tuple(reports[p] for p in abs_paths), cached_count=cached_count)
+    result = ScanResult(reports=lookup.table(), cached_count=lookup.cached_count)
     _log_summary(result)
     return result
 
@@ -100,38 +96,16 @@ def _checked_limit(*, max_pixels: int, workers: int) -> int:
     return limit
 
 
-def _reports_from_cache(abs_paths: Sequence[str], manifest: Manifest, *, limit: int
-                        ) -> tuple[dict[str, FileReport], list[_Pending], int]:
-    """``(reports known without opening a file, files still to check, how many reports came from
-    the cache)``: a file that cannot be stat'ed is unreadable, one whose key the manifest holds
-    keeps its cached verdict."""
-    reports: dict[str, FileReport] = {}
-    to_check: list[_Pending] = []
-    cached_count = 0
-    for abs_path in abs_paths:
-        try:
-            st = os.stat(abs_path)
-        except OSError as exc:
-            reports[abs_path] = bad_report(abs_path, REASON_UNREADABLE, exc.strerror or str(exc))
-            continue
-        key = (st.st_size, st.st_mtime_ns, limit)
-        cached = manifest.lookup(abs_path, key)
-        if cached is not None:
-            reports[abs_path] = cached
-            cached_count += 1
-        else:
-            to_check.append((abs_path, key))
-    return reports, to_check, cached_count
-
-
-def _check_all(to_check: Sequence[_Pending], *, limit: int, workers: int,
+def _check_all(to_check: Sequence[str], *, limit: int, workers: int,
                on_progress: Callable[[int, int], None] | None) -> list[Verdict]:
-    """The verdicts on ``to_check``, in order, decoded on ``workers`` threads under strict Pillow settings."""
+    """The verdicts on the files ``to_check``, in order, decoded on ``workers`` threads under strict Pillow settings."""
 
-    def check(item: _Pending) -> Verdict:
-        return check_file(item[0], max_pixels=limit)
+    def check(path: str) -> Verdict:
+        return check_file(path, max_pixels=limit)
 
     verdicts: list[Verdict] = []
+    if not to_check:
+        return verdicts
     with strict_pillow():
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
             # map() yields in order on this thread, so the progress callback never runs concurrently.
@@ -163,26 +137,20 @@ def scan_tree(
     image_files: list[str] = []
     ignored: list[FileReport] = []
     empty_dirs: list[str] = []
-    for dirpath, subdirs, filenames in _walk(root_path):
-        has_image = False
-        for name in filenames:
-            path = os.path.abspath(os.path.join(dirpath, name))
-            if not os.path.isfile(path):  # sockets, FIFOs, dangling symlinks
-                continue
-            if is_image_file(name):
-                image_files.append(path)
-                has_image = True
-            else:
-                ignored.append(ignored_report(path))
-        if not has_image and not subdirs:
-            empty_dirs.append(os.path.abspath(dirpath))
+    for dirpath, subdirs, filenames in _walk(os.path.abspath(root_path)):
+        images = [name for name in filenames if is_image_file(name)]
+        image_files += [dirpath + os.sep + name for name in images]
+        if len(images) < len(filenames):
+            ignored += [ignored_report(dirpath + os.sep + name) for name in filenames if not is_image_file(name)]
+        if not images and not subdirs:
+            empty_dirs.append(dirpath)
     for folder in empty_dirs:
         logger.warning("empty folder (no image files, no subfolders): %s", folder)
 
     scanned = scan_files(image_files, max_pixels=max_pixels, cache_path=cache_path, workers=workers,
                          on_progress=on_progress)
-    reports = sorted((*scanned.reports, *ignored), key=lambda r: r.path)
-    return ScanResult(reports=tuple(reports), empty_dirs=tuple(sorted(empty_dirs)), cached_count=scanned.cached_count)
+    reports = (scanned.reports + ReportTable.from_reports(ignored)).sorted_by_path()
+    return ScanResult(reports=reports, empty_dirs=tuple(sorted(empty_dirs)), cached_count=scanned.cached_count)
 
 
 def filter_good(
@@ -198,12 +166,12 @@ def filter_good(
     """
     if len(files) != len(labels):
         raise ValueError(f"filter_good: {len(files)} files but {len(labels)} labels")
-    scanned = {r.path for r in result.reports}
+    scanned = set(result.reports.paths)
     good = result.good_paths
     kept_files: list[str] = []
     kept_labels: list[int] = []
     for file, label in zip(files, labels):
-        abs_path = os.path.abspath(os.fspath(file))
+        abs_path = unique_abs_paths([file])[0]
         if abs_path not in scanned:
             raise ValueError(f"filter_good: {file} was not scanned; scan every file before filtering")
         if abs_path in good:
@@ -216,18 +184,43 @@ def filter_good(
     return tuple(kept_files), tuple(kept_labels)
 
 
-def _walk(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk`` over non-hidden entries, following symlinks but never entering a directory
-    twice (a symlink loop would otherwise recurse forever)."""
+def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``(directory, sorted subfolder names, sorted regular file names)`` of every non-hidden folder
+    below ``root`` (an absolute, normal path), top-down, following symlinks like ``os.walk(...,
+    followlinks=True)`` but never entering a folder twice (a symlink loop would recurse forever).
+    Sockets, FIFOs and dangling symlinks are left out; a folder that cannot be listed is skipped."""
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
+    stack = [root]
+    while stack:
+        dirpath = stack.pop()
+        try:
+            st = os.stat(dirpath)
+            with os.scandir(dirpath) as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError:
+            continue
         if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield dirpath, dirnames, sorted(f for f in filenames if not f.startswith("."))
+        # DirEntry.is_dir/is_file use the type readdir returned: no stat per file, only per symlink.
+        subdirs = sorted(e.name for e in entries if _is_dir(e))
+        files = sorted(e.name for e in entries if _is_file(e))
+        yield dirpath, subdirs, files
+        stack += [dirpath + os.sep + name for name in reversed(subdirs)]
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _log_summary(result: ScanResult) -> None:

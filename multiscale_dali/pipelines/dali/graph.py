@@ -137,7 +137,7 @@ def graph_for(spec: LoaderSpec, *, first_epoch: int) -> GraphSpec:
     order = padded_sample_order(len(spec.files), spec.num_shards)
     schedule = spec.schedule
     return GraphSpec(
-        files=tuple(spec.files[i] for i in order),
+        files=tuple(map(spec.files.__getitem__, order)),
         # The reader's "label" is the position in the padded list: DALI's global shuffle and shard
         # rotation move samples around, and the position is what tells a padded duplicate (position
         # >= len(files)) from its original. The loader maps it back to the real label on the host.

@@ -150,7 +150,7 @@ class DaliLoader:
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
         order = padded_sample_order(len(spec.files), spec.num_shards)
-        self._padded_labels = torch.tensor([int(spec.labels[i]) for i in order], dtype=torch.int64)
+        self._padded_labels = torch.tensor(list(map(spec.labels.__getitem__, order)), dtype=torch.int64)
         self._iterator: DALIGenericIterator | None = None
         self._pipeline: Pipeline | None = None
         self._first_epoch: int | None = None
