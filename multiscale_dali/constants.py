@@ -94,6 +94,10 @@ EVAL_FILE = "eval.json"
 ONNX_TOLERANCE: float = 1e-3
 ONNX_VERIFY_IMAGES: int = 64
 
+# `msdali finetune-res`: a tenth of the default training rate (the network is trained already, and
+# only the BatchNorm affine parameters and the classifier move).
+FINETUNE_LR: float = 3e-4
+
 # Exit code of `msdali train` when it stopped on SIGTERM/SIGINT after saving a checkpoint:
 # EX_TEMPFAIL from sysexits.h, "try again later", which is what `--resume auto` then does.
 EXIT_INTERRUPTED = 75

@@ -15,6 +15,7 @@ import click
 from multiscale_dali.cli.benchmark import benchmark
 from multiscale_dali.cli.evaluate import evaluate
 from multiscale_dali.cli.export import export
+from multiscale_dali.cli.finetune_res import finetune_res
 from multiscale_dali.cli.models import models
 from multiscale_dali.cli.plot import plot
 from multiscale_dali.cli.predict import predict
@@ -65,5 +66,5 @@ def main(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
-for _command in (train, evaluate, predict, export, scan, benchmark, plot, models, recipes):
+for _command in (train, evaluate, predict, export, finetune_res, scan, benchmark, plot, models, recipes):
     main.add_command(_command)
