@@ -64,7 +64,7 @@ _EXPORTER_NOISE = (
 )
 
 
-class ExportError(UserError):
+class ExportError(UserError, ValueError):
     """An export or an ONNX file that cannot serve as asked; the message names the file or the flag."""
 
 

@@ -198,7 +198,7 @@ def build_timm_model(name: str, *, num_outputs: int, pretrained: bool = False) -
     except Exception as err:  # a corrupt or mismatched weight file, or a download attempt refused offline
         raise TimmModelError(f"cannot build timm model {name!r}{' with pretrained weights' if pretrained else ''}: "
                              f"{type(err).__name__}: {err}") from err
-    log.info("built timm model %s (%s outputs%s)", name, num_outputs, ", pretrained" if pretrained else "")
+    log.debug("built timm model %s (%s outputs%s)", name, num_outputs, ", pretrained" if pretrained else "")
     return model
 
 
