@@ -86,7 +86,9 @@ def test_a_logit_difference_beyond_the_tolerance_is_an_error_naming_the_scale(ru
     result = _cli("export", "--checkpoint", str(run), "--scale", "32", "--out", str(out), "--tolerance", "1e-30")
     assert result.exit_code == 2, result.output
     assert "at 32 px the ONNX logits differ" in result.output and "tolerance 1e-30" in result.output
-    assert out.exists()  # left for inspection
+    assert not out.exists() and (tmp_path / "strict.rejected.onnx").exists()  # kept aside for inspection
+    assert str(tmp_path / "strict.rejected.onnx") in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strict.rejected.onnx"]
 
 
 def test_several_scales_without_dynamic_shapes_are_refused(run, tmp_path):

@@ -4,8 +4,9 @@ The check is the point: an exported graph that differs from the network (an oper
 differently, a normalisation constant wrong) is found here, on real images of the run's test split at
 every exported scale, not in deployment. The figures (largest absolute logit difference and the share of
 images whose predicted class agrees) go into a JSON file beside the ``.onnx``
-(:func:`verification_path`); a difference beyond the tolerance is an error (the ``.onnx`` stays on disk
-for inspection, the message names the scale).
+(:func:`verification_path`); a difference beyond the tolerance is an error naming the scale. The file
+is written beside the target and moved onto it only once verified, so a failed export never replaces
+a good file; one that fails its check is kept as ``NAME.rejected.onnx`` for inspection.
 
 The file also carries what ``predict`` needs to use it without the checkpoint: class names, task and
 exported scales (ONNX metadata, see :mod:`~multiscale_dali.evaluation.onnx_predict`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import numpy as np
 from multiscale_dali.constants import ONNX_VERIFY_IMAGES
 from multiscale_dali.errors import ConfigError
 from multiscale_dali.evaluation.evaluate import load_splits, resolve_data_root
-from multiscale_dali.evaluation.export import DEFAULT_TOLERANCE, export_onnx, verify_onnx
+from multiscale_dali.evaluation.export import DEFAULT_TOLERANCE, OnnxMismatchError, export_onnx, verify_onnx
 from multiscale_dali.evaluation.model import LoadedModel, load_model
 from multiscale_dali.evaluation.onnx_predict import META_CHECKPOINT, META_CLASSES, META_TASK
 from multiscale_dali.fileio import atomic_write_text
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VERIFY_IMAGES = ONNX_VERIFY_IMAGES
 VERIFY_SUFFIX = ".verify.json"
+STAGING_SUFFIX = ".partial.onnx"
+REJECTED_SUFFIX = ".rejected.onnx"
 # Splits the verification images come from, in order of preference: the test split is what the
 # reported accuracy is measured on; a run without one still has validation or training images.
 VERIFY_SPLITS: tuple[str, ...] = ("test", "val", "train")
@@ -95,15 +99,28 @@ def export_checkpoint(checkpoint: str | Path, *, options: ExportOptions) -> dict
     scales = tuple(sorted(set(options.scales)))
     check_model_scales(loaded.config.model, scales, num_outputs=num_outputs(loaded.task, len(loaded.classes)))
     out = Path(options.out)
+    split, images = verification_images(loaded, data=options.data, count=options.verify_images)
     metadata = {META_CLASSES: json.dumps(list(loaded.classes)), META_TASK: loaded.task,
                 META_CHECKPOINT: str(loaded.path)}
-    export_onnx(loaded.model, scales=scales, dynamic=options.dynamic, with_preprocessing=options.with_preprocessing,
-                out=out, metadata=metadata)
-    split, images = verification_images(loaded, data=options.data, count=options.verify_images)
-    report = verify_onnx(out, loaded.model, images, scales=scales, tolerance=options.tolerance)
+    # Written beside the target and renamed onto it only once verified: a file already at --out is
+    # never replaced by an export that failed its check.
+    staging = out.with_name(out.stem + STAGING_SUFFIX)
+    try:
+        export_onnx(loaded.model, scales=scales, dynamic=options.dynamic,
+                    with_preprocessing=options.with_preprocessing, out=staging, metadata=metadata)
+        report = verify_onnx(staging, loaded.model, images, scales=scales, tolerance=options.tolerance)
+    except OnnxMismatchError as err:
+        rejected = out.with_name(out.stem + REJECTED_SUFFIX)
+        os.replace(staging, rejected)  # kept for inspection, under a name no deployment picks up
+        raise OnnxMismatchError(path=rejected, scale=err.scale, max_abs_diff=err.max_abs_diff,
+                                tolerance=err.tolerance) from None
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, out)
     report = {"checkpoint": str(loaded.path), "split": split, "dynamic": options.dynamic,
               "with_preprocessing": options.with_preprocessing, "classes": list(loaded.classes),
-              "task": loaded.task, **report}
+              "task": loaded.task, **report, "file": str(out)}
     atomic_write_text(verification_path(out), json.dumps(report, indent=2) + "\n")
     log.info("verified %s on %d %s images at %s px: max |logit diff| %.3g, agreement %.1f%%", out,
              report["num_images"], split, ",".join(map(str, scales)), report["max_abs_diff"],
