@@ -56,6 +56,13 @@ class Teacher(enum.StrEnum):
     MEAN = "mean"
 
 
+class Tta(enum.StrEnum):
+    """Test-time augmentation of evaluate/predict: none, or the mean over the image and its mirror."""
+
+    NONE = "none"
+    FLIP = "flip"
+
+
 # Plain strings, not the members: click.Choice (8.2+) matches an Enum member by its *name* ("DALI",
 # so `--backend dali` would be refused), and torch.load(weights_only=True) refuses enum objects, so
 # what reaches flags, configs and checkpoints is the value.
@@ -64,6 +71,7 @@ MODES: tuple[str, ...] = tuple(member.value for member in Mode)
 TASKS: tuple[str, ...] = tuple(member.value for member in Task)
 CONSISTENCY_TYPES: tuple[str, ...] = tuple(member.value for member in ConsistencyType)
 TEACHERS: tuple[str, ...] = tuple(member.value for member in Teacher)
+TTA_CHOICES: tuple[str, ...] = tuple(member.value for member in Tta)
 
 # Share of JPEG decoding DALI's mixed decoder sends to the hardware JPEG engines (A100/H100 and
 # later); the rest runs on the CUDA/CPU hybrid path. The benchmark sweeps it.
@@ -80,6 +88,20 @@ CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 EVAL_FILE = "eval.json"
 
+# `msdali export`: the largest |onnxruntime - PyTorch| logit difference accepted in float32 (kernels
+# sum in other orders, which moves logits by ~1e-5 on small nets; 1e-3 still catches any real graph
+# error), and how many images of the run's test split the check runs on.
+ONNX_TOLERANCE: float = 1e-3
+ONNX_VERIFY_IMAGES: int = 64
+
+# `msdali finetune-res`: a tenth of the default training rate (the network is trained already, and
+# only the BatchNorm affine parameters and the classifier move).
+FINETUNE_LR: float = 3e-4
+
 # Exit code of `msdali train` when it stopped on SIGTERM/SIGINT after saving a checkpoint:
 # EX_TEMPFAIL from sysexits.h, "try again later", which is what `--resume auto` then does.
 EXIT_INTERRUPTED = 75
+# The same code after the requeue signal (SIGUSR1 by default under SLURM, `--requeue-signal`): the
+# checkpoint is saved and the job should run again, which is what "try again later" asks for, so a
+# job script treats both stops alike (docker/slurm/train.sbatch requeues on it).
+EXIT_REQUEUE = EXIT_INTERRUPTED

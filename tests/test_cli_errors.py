@@ -18,18 +18,21 @@ from multiscale_dali.data.discovery import DataError
 from multiscale_dali.data.scan import BadImagesError
 from multiscale_dali.errors import ConfigError, UserError
 from multiscale_dali.evaluation.evaluate import ImageError
+from multiscale_dali.evaluation.export import ExportError, OnnxInputError
 from multiscale_dali.extras import MissingExtraError
 from multiscale_dali.models.registry import ModelError
+from multiscale_dali.models.timm_models import TimmModelError
 from multiscale_dali.pipelines.schedule import parse_scales
 from multiscale_dali.reporting.plot import PlotError
 from multiscale_dali.training.checkpoint import CheckpointError
 from multiscale_dali.training.distributed import DistributedError
+from multiscale_dali.training.finetune_res import FixResError
 from multiscale_dali.training.run_directory import RunDirectoryError
 from multiscale_dali.training.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "multiscale_dali" / "cli"
-COMMANDS = ("train", "evaluate", "predict", "scan", "benchmark", "plot", "models", "recipes")
+COMMANDS = ("train", "evaluate", "predict", "export", "finetune-res", "scan", "benchmark", "plot", "models", "recipes")
 MAX_FUNCTION_LINES = 60
 
 
@@ -38,6 +41,7 @@ MAX_FUNCTION_LINES = 60
     (ConfigError, ValueError), (DataError, ValueError), (ModelError, ValueError), (RunDirectoryError, ValueError),
     (CheckpointError, RuntimeError), (BadImagesError, ValueError), (PlotError, ValueError),
     (ImageError, ValueError), (DistributedError, RuntimeError), (MissingExtraError, RuntimeError),
+    (ExportError, ValueError), (OnnxInputError, ValueError), (FixResError, ValueError), (TimmModelError, ValueError),
 ])
 def test_user_errors_share_one_base_and_keep_their_builtin_one(error_class, builtin):
     assert issubclass(error_class, UserError) and issubclass(error_class, builtin)
@@ -117,7 +121,7 @@ def test_every_scales_flag_refuses_a_bad_list_with_the_same_message(scales):
 def test_each_command_lives_in_a_module_of_its_own():
     for name in COMMANDS:
         command = main.commands[name]
-        assert command.callback.__module__ == f"multiscale_dali.cli.{name}"
+        assert command.callback.__module__ == f"multiscale_dali.cli.{name.replace('-', '_')}"
     assert set(main.commands) == set(COMMANDS)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from multiscale_dali.cli.options import checkpoint_option, device_option
-from multiscale_dali.cli.params import SCALES
+from multiscale_dali.cli.params import SCALES, TTA
 from multiscale_dali.constants import BACKENDS
 
 
@@ -38,17 +38,20 @@ def check_checkpoint_scales(checkpoint: str, scales: tuple[int, ...]) -> None:
               help="Also measure each resolution with BatchNorm statistics re-estimated there from train images.")
 @click.option("--bn-batches", type=int, default=50, show_default=True,
               help="Train batches (at most) that re-estimate the BatchNorm statistics.")
+@click.option("--tta", type=TTA, default="none", show_default=True,
+              help="Test-time augmentation: flip adds rows with the mean over each image and its mirror.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Where to write the results. Default: eval.json in the run directory.")
 def evaluate(checkpoint: str, data: str | None, split: str, scales: tuple[int, ...] | None, backend: str,
-             batch_size: int, device: str, workers: int, recalibrate_bn: bool, bn_batches: int,
+             batch_size: int, device: str, workers: int, recalibrate_bn: bool, bn_batches: int, tta: str,
              json_path: str | None) -> None:
     """Accuracy, loss (and AUC for binary tasks) of a checkpoint at several resolutions, plus their ensemble."""
     from multiscale_dali.evaluation.evaluate import EvalOptions, default_eval_path, evaluate_checkpoint, format_report
     from multiscale_dali.fileio import atomic_write_text
 
     options = EvalOptions(scales=scales, split=split, data=data, backend=backend, device=device,
-                          batch_size=batch_size, workers=workers, recalibrate_bn=recalibrate_bn, bn_batches=bn_batches)
+                          batch_size=batch_size, workers=workers, recalibrate_bn=recalibrate_bn, bn_batches=bn_batches,
+                          tta=tta)
     if scales is not None:  # the run's own scales need no check: it trained at them
         check_checkpoint_scales(checkpoint, scales)
     report = evaluate_checkpoint(checkpoint, options=options)

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from multiscale_dali.constants import TTA_CHOICES
 from multiscale_dali.errors import ConfigError
 from multiscale_dali.pipelines.schedule import parse_scales
 
@@ -53,5 +54,24 @@ class CountList(click.ParamType):
         return counts
 
 
+class OneOf(click.ParamType):
+    """One of a fixed set of words; anything else is a one-line :class:`ConfigError` naming the flag
+    and the allowed values (click.Choice prints its usage block instead)."""
+
+    name = "choice"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self.choices) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if value in self.choices:
+            return str(value)
+        raise ConfigError(_key(param, "choice"), f"{value!r} is not one of {', '.join(self.choices)}")
+
+
 SCALES = ScaleList()
 COUNTS = CountList()
+TTA = OneOf(TTA_CHOICES)

@@ -12,7 +12,7 @@ import click
 
 from multiscale_dali.cli.options import TRAIN_FIELDS, train_options
 from multiscale_dali.cli.progress import check_extras, train_reporter
-from multiscale_dali.constants import EXIT_INTERRUPTED
+from multiscale_dali.constants import EXIT_INTERRUPTED, EXIT_REQUEUE
 from multiscale_dali.errors import ConfigError
 from multiscale_dali.training.config import TrainConfig, config_from_mapping, recipe_config
 
@@ -75,9 +75,9 @@ def check_run_scales(config: TrainConfig) -> None:
 def _report(result: Any, config: TrainConfig, *, plot: bool, echo: Callable[..., None]) -> None:
     """The end of a run: why it stopped early, or its test results and where to look next."""
     if result.interrupted:
-        echo(f"stopped by {result.stop_signal}; checkpoint saved. Continue with: "
-             f"msdali train --out {config.out} --resume auto")
-        sys.exit(EXIT_INTERRUPTED)
+        why = f"{result.stop_signal} (requeue signal)" if result.requeue else result.stop_signal
+        echo(f"stopped by {why}; checkpoint saved. Continue with: msdali train --out {config.out} --resume auto")
+        sys.exit(EXIT_REQUEUE if result.requeue else EXIT_INTERRUPTED)
     best = None if result.best_epoch is None else result.best_epoch + 1
     echo(f"backend {result.backend} on {result.device}; best epoch {best}")
     for scale, metrics in result.test.items():
@@ -99,21 +99,29 @@ def _report(result: Any, config: TrainConfig, *, plot: bool, echo: Callable[...,
               help="Write PNG figures to RUN_DIR/plots at the end (needs the plot extra).")
 @click.option("--tensorboard", is_flag=True,
               help="Also log per-epoch metrics to RUN_DIR/tensorboard (needs the tensorboard extra).")
+@click.option("--requeue-signal", default=None, metavar="SIGNAL|none",
+              help="Checkpoint at the next step and exit 75 on this signal (a scheduler's time-limit warning). "
+                   "Default: SIGUSR1 inside a SLURM job (SLURM_JOB_ID set), none outside.")
 @train_options
-def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensorboard: bool, **flags: Any) -> None:
+def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensorboard: bool,
+          requeue_signal: str | None, **flags: Any) -> None:
     """Train a classifier; writes metrics.jsonl, config.json, results.json and best.pt to --out.
 
-    SIGTERM/SIGINT stop at the next step with a checkpoint and exit code 75; --resume auto continues.
+    SIGTERM/SIGINT (and the --requeue-signal) stop at the next step with a checkpoint and exit code 75;
+    --resume auto continues.
     """
     from multiscale_dali.training.run import run_training
+    from multiscale_dali.training.signals import resolve_requeue_signal
 
     resumed = _resumed_config(resume, flags.get("out"))
     config = build_train_config(config_path, flags, resumed=resumed)
     check_run_scales(config)
     check_extras(tensorboard=tensorboard, plot=plot_at_end)
+    requeue = resolve_requeue_signal(requeue_signal)
     # Under torchrun every rank runs this command; only rank 0 talks (and writes, see training/run.py).
     echo = click.echo if os.environ.get("RANK", "0") == "0" else (lambda *_a, **_k: None)
     echo(f"run directory: {config.out}")
     with train_reporter(epochs=config.epochs, out=config.out, tensorboard=tensorboard) as reporter:
-        result = run_training(config, resume=resume, on_epoch_end=reporter.epoch_end, on_step=reporter.step)
+        result = run_training(config, resume=resume, on_epoch_end=reporter.epoch_end, on_step=reporter.step,
+                              requeue_signal=requeue)
     _report(result, config, plot=plot_at_end, echo=echo)

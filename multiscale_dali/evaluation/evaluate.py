@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from multiscale_dali.constants import Backend
+from multiscale_dali.constants import TTA_CHOICES, Backend, Tta
 from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
 from multiscale_dali.evaluation.batchnorm import recalibrate_batchnorm
 from multiscale_dali.evaluation.model import LoadedModel, load_model
@@ -47,10 +47,12 @@ from multiscale_dali.evaluation.report import (
     format_report,
     rows_from_logits,
 )
+from multiscale_dali.evaluation.tta import horizontal_flip
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.pipelines.schedule import constant_schedule
 from multiscale_dali.pipelines.spec import LoaderSpec
 from multiscale_dali.training.config import ConfigError, check_scales
+from multiscale_dali.training.losses import ensemble_logits
 
 # The command line imports these from here; each is defined in the module named above it.
 __all__ = [
@@ -122,10 +124,13 @@ class EvalOptions:
     workers: int = 2
     recalibrate_bn: bool = False
     bn_batches: int = DEFAULT_BN_BATCHES
+    tta: str = Tta.NONE.value  # "flip": also rows with the mean over each image and its mirror
 
     def __post_init__(self) -> None:
         if self.split not in EVAL_SPLITS:
             raise ConfigError("split", f"{self.split!r} is not one of {', '.join(EVAL_SPLITS)}")
+        if self.tta not in TTA_CHOICES:
+            raise ConfigError("tta", f"{self.tta!r} is not one of {', '.join(TTA_CHOICES)}")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.bn_batches < 1:
@@ -169,22 +174,38 @@ def _recalibrated_models(loaded: LoadedModel, train: SplitFiles, scales: tuple[i
     return models
 
 
+Views = dict[tuple[str, str], dict[int, torch.Tensor]]  # (variant, tta) -> scale -> logits
+
+
+def _view_logits(model: nn.Module, images: torch.Tensor, *, task: str, flip: bool) -> dict[str, torch.Tensor]:
+    """Logits of the plain view and, with ``flip``, of the flip TTA (the plain forward is reused)."""
+    plain = model(images).float()
+    views = {Tta.NONE.value: plain.cpu()}
+    if flip:
+        mirrored = model(horizontal_flip(images)).float()
+        views[Tta.FLIP.value] = ensemble_logits([plain, mirrored], task=task).cpu()
+    return views
+
+
 @torch.no_grad()
 def _collect_logits(models: Mapping[str, Mapping[int, nn.Module]], split: SplitFiles, scales: tuple[int, ...], *,
-                    options: EvalOptions, loaded: LoadedModel, backend: str
-                    ) -> tuple[dict[str, dict[int, torch.Tensor]], torch.Tensor]:
-    """Logits of every (variant, scale) model over the whole split; one pass per scale."""
-    outputs: dict[str, dict[int, torch.Tensor]] = {v: {} for v in models}
+                    options: EvalOptions, loaded: LoadedModel, backend: str) -> tuple[Views, torch.Tensor]:
+    """Logits of every (variant, tta, scale) over the whole split; one pass per scale."""
+    flip = options.tta == Tta.FLIP
+    ttas = (Tta.NONE.value, Tta.FLIP.value) if flip else (Tta.NONE.value,)
+    outputs: Views = {(v, t): {} for v in models for t in ttas}
     labels: torch.Tensor | None = None
     for scale in scales:
-        chunks: dict[str, list[torch.Tensor]] = {v: [] for v in models}
+        chunks: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in outputs}
         scale_labels = []
         for batch in _batches_at(split, scale, options=options, loaded=loaded, backend=backend):
             for variant, by_scale in models.items():
-                chunks[variant].append(by_scale[scale](batch.images[scale]).float().cpu())
+                views = _view_logits(by_scale[scale], batch.images[scale], task=loaded.task, flip=flip)
+                for tta, logits in views.items():
+                    chunks[(variant, tta)].append(logits)
             scale_labels.append(batch.labels.cpu())
-        for variant, parts in chunks.items():
-            outputs[variant][scale] = torch.cat(parts)
+        for key, parts in chunks.items():
+            outputs[key][scale] = torch.cat(parts)
         # Eval loaders read files in order, so every scale's pass lines up sample by sample.
         labels = torch.cat(scale_labels) if labels is None else labels
     assert labels is not None
@@ -212,12 +233,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, options: EvalOptions) -> Eval
     if options.recalibrate_bn:
         models[BN_RECALIBRATED] = _recalibrated_models(loaded, splits.train, scales, options=options, backend=backend)
     logits, labels = _collect_logits(models, split, scales, options=options, loaded=loaded, backend=backend)
-    rows = [row for variant in models for row in rows_from_logits(logits[variant], labels, task=loaded.task,
-                                                                  variant=variant)]
+    rows = [row for (variant, tta), by_scale in logits.items()
+            for row in rows_from_logits(by_scale, labels, task=loaded.task, variant=variant, tta=tta)]
     return EvalReport(
         checkpoint=str(loaded.path), run_dir=str(loaded.run_dir), epoch=loaded.epoch, data=str(root),
         split=options.split, num_samples=int(labels.numel()), task=loaded.task, classes=loaded.classes,
         backend=backend, device=str(device), scales=scales, trained_scales=loaded.schedule.all_scales,
         recalibrate_bn=options.recalibrate_bn, bn_batches=options.bn_batches, rows=tuple(rows),
-        best=best_by_variant(rows),
+        best=best_by_variant(rows), tta=options.tta,
     )

@@ -36,6 +36,13 @@ class LoadedModel:
         return run_dir_of(self.path)
 
 
+def _first_problem(err: RuntimeError) -> str:
+    """The first concrete line of load_state_dict's multi-line message (a missing key, a size mismatch)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+    return detail if len(detail) <= 200 else detail[:200] + "..."
+
+
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the model of ``best.pt`` or of a training checkpoint (``last.pt``).
 
@@ -55,8 +62,14 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Loade
     config = config_from_mapping(payload["config"], source=f"the checkpoint {path}")
     classes = tuple(payload["classes"])
     task = payload["task"]
-    model = build_model(config.model, num_outputs=num_outputs(task, len(classes)), pretrained=False)
-    model.load_state_dict(state)
+    outputs = num_outputs(task, len(classes))
+    model = build_model(config.model, num_outputs=outputs, pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # another model's weights, or a head for another task or class count
+        raise ConfigError("checkpoint", f"{path}: its weights do not fit {config.model} with {outputs} output(s) "
+                                        f"for the {task} task of {len(classes)} classes ({_first_problem(err)})"
+                          ) from None
     device = torch.device(device)
     model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     model.eval()

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from multiscale_dali.constants import EVAL_FILE, Task
+from multiscale_dali.constants import EVAL_FILE, Task, Tta
 from multiscale_dali.training.losses import base_loss, ensemble_logits, predict
 from multiscale_dali.training.resume import run_dir_of
 
@@ -18,6 +18,8 @@ from multiscale_dali.training.resume import run_dir_of
 AS_TRAINED = "as_trained"
 BN_RECALIBRATED = "bn_recalibrated"
 ENSEMBLE = "ensemble"
+# Row names of test-time-augmented rows carry this after the scale (``128px+flip``, ``ensemble+flip``).
+TTA_SEPARATOR = "+"
 
 
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float | None:
@@ -51,10 +53,11 @@ class EvalRow:
     loss: float
     auc: float | None  # binary tasks only
     num_samples: int
+    tta: str = Tta.NONE.value  # "flip": the mean of the image's and its mirror's probabilities
 
 
 def _row(logits: torch.Tensor, labels: torch.Tensor, *, task: str, variant: str, name: str,
-         scale: int | None) -> EvalRow:
+         scale: int | None, tta: str) -> EvalRow:
     logits = logits.float()
     auc = None
     if task == Task.BINARY:
@@ -63,17 +66,28 @@ def _row(logits: torch.Tensor, labels: torch.Tensor, *, task: str, variant: str,
     return EvalRow(
         variant=variant, name=name, scale=scale,
         accuracy=float((predict(logits, task=task) == labels).double().mean()),
-        loss=float(base_loss(logits, labels, task=task)), auc=auc, num_samples=int(labels.numel()),
+        loss=float(base_loss(logits, labels, task=task)), auc=auc, num_samples=int(labels.numel()), tta=tta,
     )
 
 
+def row_name(scale: int | None, tta: str = Tta.NONE.value) -> str:
+    """``128px``, ``ensemble``; test-time-augmented rows add the augmentation: ``128px+flip``."""
+    name = ENSEMBLE if scale is None else f"{scale}px"
+    return name if tta == Tta.NONE else f"{name}{TTA_SEPARATOR}{tta}"
+
+
 def rows_from_logits(logits_by_scale: Mapping[int, torch.Tensor], labels: torch.Tensor, *, task: str,
-                     variant: str) -> list[EvalRow]:
-    """A row per scale, then the ensemble row (mean of the scales' probabilities)."""
+                     variant: str, tta: str = Tta.NONE.value) -> list[EvalRow]:
+    """A row per scale, then the ensemble row (mean of the scales' probabilities).
+
+    ``tta``: what the logits already are (flip: ``log`` of the mean probability over the two views,
+    so the ensemble of them is the plain mean of all 2 x scales predictions).
+    """
     scales = sorted(logits_by_scale)
-    rows = [_row(logits_by_scale[s], labels, task=task, variant=variant, name=f"{s}px", scale=s) for s in scales]
+    rows = [_row(logits_by_scale[s], labels, task=task, variant=variant, name=row_name(s, tta), scale=s, tta=tta)
+            for s in scales]
     ensemble = ensemble_logits([logits_by_scale[s] for s in scales], task=task)
-    rows.append(_row(ensemble, labels, task=task, variant=variant, name=ENSEMBLE, scale=None))
+    rows.append(_row(ensemble, labels, task=task, variant=variant, name=row_name(None, tta), scale=None, tta=tta))
     return rows
 
 
@@ -83,14 +97,20 @@ def best_row(rows: Iterable[EvalRow]) -> EvalRow:
     return max(singles, key=lambda row: (row.accuracy, -row.loss))
 
 
+def best_key(variant: str, tta: str) -> str:
+    """Key of :func:`best_by_variant`: the variant, with ``+flip`` for its test-time-augmented rows."""
+    return variant if tta == Tta.NONE else f"{variant}{TTA_SEPARATOR}{tta}"
+
+
 def best_by_variant(rows: Sequence[EvalRow]) -> dict[str, dict[str, Any]]:
-    """Per variant: the best single scale, its accuracy and loss, and the ensemble's accuracy."""
+    """Per variant (and per variant with TTA, ``as_trained+flip``): the best single scale, its accuracy
+    and loss, and the ensemble's accuracy."""
     best: dict[str, dict[str, Any]] = {}
-    for variant in dict.fromkeys(row.variant for row in rows):
-        variant_rows = [row for row in rows if row.variant == variant]
+    for variant, tta in dict.fromkeys((row.variant, row.tta) for row in rows):
+        variant_rows = [row for row in rows if row.variant == variant and row.tta == tta]
         top = best_row(variant_rows)
         ensemble = next(row for row in variant_rows if row.scale is None)
-        best[variant] = {"scale": top.scale, "accuracy": top.accuracy, "loss": top.loss,
+        best[best_key(variant, tta)] = {"scale": top.scale, "accuracy": top.accuracy, "loss": top.loss,
                          "ensemble_accuracy": ensemble.accuracy}
     return best
 
@@ -113,6 +133,7 @@ class EvalReport:
     bn_batches: int
     rows: tuple[EvalRow, ...]
     best: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tta: str = Tta.NONE.value
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -130,8 +151,9 @@ def format_report(report: EvalReport) -> list[str]:
     names = list(dict.fromkeys(row.name for row in report.rows))
     binary = report.task == Task.BINARY
     group = f"{'accuracy':>9} {'loss':>8}" + (f" {'AUC':>6}" if binary else "")
-    lines = [f"{'':<10}" + " | ".join(f"{v.replace('_', ' '):^{len(group)}}" for v in variants),
-             f"{'scale':<10}" + " | ".join(group for _ in variants)]
+    width = max(10, *(len(name) + 1 for name in names))  # "ensemble+flip" is wider than "128px"
+    lines = [f"{'':<{width}}" + " | ".join(f"{v.replace('_', ' '):^{len(group)}}" for v in variants),
+             f"{'scale':<{width}}" + " | ".join(group for _ in variants)]
     for name in names:
         cells = []
         for variant in variants:
@@ -140,10 +162,9 @@ def format_report(report: EvalReport) -> list[str]:
             if binary:
                 cell += f" {'-' if row.auc is None else format(row.auc, '.3f'):>6}"
             cells.append(cell)
-        lines.append(f"{name:<10}" + " | ".join(cells))
-    for variant in variants:
-        best = report.best[variant]
-        lines.append(f"best resolution ({variant.replace('_', ' ')}): {best['scale']}px, accuracy "
+        lines.append(f"{name:<{width}}" + " | ".join(cells))
+    for key, best in report.best.items():
+        lines.append(f"best resolution ({key.replace('_', ' ')}): {best['scale']}px, accuracy "
                      f"{best['accuracy']:.1%} (ensemble of {len(report.scales)} scales: "
                      f"{best['ensemble_accuracy']:.1%})")
     return lines

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from multiscale_dali.models.registry import IMAGE_CHANNELS, ModelError, build_model
+from multiscale_dali.models.registry import IMAGE_CHANNELS, ModelError, build_model, is_timm_name
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,39 @@ def smallest_scale(name: str, *, num_outputs: int) -> int:
     return _search(build_model(name, num_outputs=num_outputs).eval(), CPU, name)
 
 
+def check_timm_scales(name: str, scales: Sequence[int], *, num_outputs: int) -> None:
+    """A timm model run at each of ``scales`` on the meta device (shapes only), logits of one shape.
+
+    No smallest-size search here: a ViT runs only at multiples of its patch size, so the sizes it
+    accepts are not an interval; each scale the run uses is tried instead.
+    """
+    from multiscale_dali.models.timm_models import TimmModelError, check_resolution_independence
+
+    with META:
+        model = build_model(name, num_outputs=num_outputs).eval()
+    try:
+        check_resolution_independence(model, scales=scales, device=META)
+        return
+    except TimmModelError as err:
+        # The meta device may lack an operator's kernel: such a failure is confirmed by a real forward.
+        if "NotImplementedError" not in str(err) and "meta" not in str(err):
+            raise TimmModelError(f"{name}: {err}") from None
+        log.debug("%s failed its scale check on the meta device (%s); confirming on the CPU", name, err)
+    try:
+        check_resolution_independence(build_model(name, num_outputs=num_outputs).eval(), scales=scales)
+    except TimmModelError as err:
+        raise TimmModelError(f"{name}: {err}") from None
+
+
 def check_model_scales(name: str, scales: Sequence[int], *, num_outputs: int) -> None:
     """Raise :class:`ModelError` when model ``name`` cannot run at one of ``scales``.
 
     The message is one line: the model, the scales it cannot run at, and the smallest one it can.
+    timm models (``timm:NAME``) are checked at each scale instead (:func:`check_timm_scales`).
     """
+    if is_timm_name(name):
+        check_timm_scales(name, scales, num_outputs=num_outputs)
+        return
     smallest = smallest_scale(name, num_outputs=num_outputs)
     too_small = sorted(scale for scale in set(scales) if scale < smallest)
     if too_small:

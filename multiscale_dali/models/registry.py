@@ -22,6 +22,8 @@ from torchvision import models as tv_models
 from multiscale_dali.errors import UserError
 
 TINY_CNN = "tiny_cnn"
+# `--model timm:NAME` builds timm model NAME (the optional timm extra; see timm_models.py).
+TIMM_PREFIX = "timm:"
 # Output channels of tiny_cnn's conv-BN-ReLU blocks; each block halves the resolution, so a
 # 64 px input ends at 4x4 and 128 px at 8x8 before pooling. About 0.1M parameters: trains in
 # seconds on two CPU cores.
@@ -131,8 +133,13 @@ def list_available_models() -> list[str]:
     return sorted([TINY_CNN, *_TORCHVISION])
 
 
+def is_timm_name(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX)
+
+
 def _unknown_model(name: str) -> ModelError:
-    return ModelError(f"unknown model {name!r}; available: {', '.join(list_available_models())}")
+    return ModelError(f"unknown model {name!r}; available: {', '.join(list_available_models())}, or "
+                      f"{TIMM_PREFIX}NAME for a timm model (`msdali models --timm PATTERN` lists them)")
 
 
 def pretrained_weights_path(name: str) -> str:
@@ -165,13 +172,19 @@ def _load_cached_weights(name: str, model: nn.Module) -> None:
 
 
 def build_model(name: str, *, num_outputs: int, pretrained: bool = False) -> nn.Module:
-    """Build ``name`` with a head of ``num_outputs`` logits (1 for a binary task).
+    """Build ``name`` with a head of ``num_outputs`` logits (1 for a binary task); ``timm:NAME`` builds
+    timm's model NAME (see :mod:`~multiscale_dali.models.timm_models`).
 
     ``pretrained=True`` loads torchvision's ImageNet weights from the local hub cache (never the
     network) before the head is replaced, so only the new head starts untrained.
     """
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
         raise ModelError(f"num_outputs must be a positive int, got {num_outputs!r}")
+    if is_timm_name(name):
+        # Imported here: timm_models imports this module, and timm is an optional extra.
+        from multiscale_dali.models.timm_models import build_timm_model
+
+        return build_timm_model(name, num_outputs=num_outputs, pretrained=pretrained)
     if name == TINY_CNN:
         if pretrained:
             raise ModelError(

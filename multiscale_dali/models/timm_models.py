@@ -37,12 +37,11 @@ from torch import nn
 from multiscale_dali.constants import IMAGENET_MEAN, IMAGENET_STD
 from multiscale_dali.errors import UserError
 from multiscale_dali.extras import MissingExtraError
-from multiscale_dali.models.registry import IMAGE_CHANNELS, ModelError
+from multiscale_dali.models.registry import IMAGE_CHANNELS, TIMM_PREFIX, ModelError
 
 log = logging.getLogger(__name__)
 
 TIMM_EXTRA = "timm"
-TIMM_PREFIX = "timm:"
 _REFUSED_PREFIXES = ("hf-hub:", "local-dir:")
 # timm's own preference: safetensors first, then the pickled PyTorch file.
 HF_WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
@@ -185,7 +184,7 @@ def build_timm_model(name: str, *, num_outputs: int, pretrained: bool = False) -
         raise TimmModelError(f"num_outputs must be a positive int, got {num_outputs!r}")
     name = timm_name(name)
     if not timm.is_model(name):
-        raise TimmModelError(f"unknown timm model {name!r}; list them with list_timm_models('*pattern*')")
+        raise TimmModelError(f"unknown timm model {name!r}; list them with `msdali models --timm '*PATTERN*'`")
     kwargs: dict[str, Any] = {"num_classes": num_outputs, "in_chans": IMAGE_CHANNELS}
     if pretrained:
         weights = cached_weights(name)
@@ -199,7 +198,7 @@ def build_timm_model(name: str, *, num_outputs: int, pretrained: bool = False) -
     except Exception as err:  # a corrupt or mismatched weight file, or a download attempt refused offline
         raise TimmModelError(f"cannot build timm model {name!r}{' with pretrained weights' if pretrained else ''}: "
                              f"{type(err).__name__}: {err}") from err
-    log.info("built timm model %s (%s outputs%s)", name, num_outputs, ", pretrained" if pretrained else "")
+    log.debug("built timm model %s (%s outputs%s)", name, num_outputs, ", pretrained" if pretrained else "")
     return model
 
 
@@ -220,7 +219,7 @@ def check_resolution_independence(model: nn.Module, *, scales: Sequence[int],
                 shapes[scale] = tuple(model(images).shape)
             except Exception as err:  # the model's own size assertions have many exception types
                 raise TimmModelError(f"{type(model).__name__} does not run at {scale} px: {type(err).__name__}: "
-                                     f"{err}. Use a model with global pooling, or a ViT built with "
+                                     f"{str(err).rstrip('.')}. Use a model with global pooling, or a ViT built with "
                                      f"{_DYNAMIC_SIZE_FLAG}=True and scales divisible by its patch size") from None
             first = next(iter(shapes.values()))
             if shapes[scale] != first:

@@ -156,7 +156,9 @@ def draw_schedule(ax: Any, run: RunFiles, colors: dict[int, Any]) -> None:
 
 def draw_resolution(ax: Any, run: RunFiles, colors: dict[int, Any]) -> None:
     evaluation = run.evaluation or {}
-    rows = evaluation.get("rows", [])
+    # Flip-TTA rows (evaluate --tta flip) are another measurement of the same resolutions: the sweep
+    # plots the plain ones, so figures of runs evaluated with and without TTA compare.
+    rows = [row for row in evaluation.get("rows", []) if row.get("tta", "none") == "none"]
     variants = list(dict.fromkeys(row["variant"] for row in rows))
     for variant in variants:
         label, marker, style = VARIANT_STYLES.get(variant, (variant, "o", "-"))

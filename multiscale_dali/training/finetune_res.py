@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d and SyncBatchNorm
 
 
-class FixResError(UserError):
+class FixResError(UserError, ValueError):
     """A model FixRes fine-tuning cannot prepare (no classifier head found); names the model."""
 
 

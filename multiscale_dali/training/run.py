@@ -10,6 +10,7 @@ restores them through their own ``load_state_dict`` methods, and writes through
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -73,6 +74,7 @@ class RunResult:
     dataset: dict
     interrupted: bool = False
     stop_signal: str | None = None
+    requeue: bool = False  # stopped by the requeue signal: the job should run again (--resume auto)
     rank: int = 0  # this process's rank; only rank 0 wrote files (a CLI prints from rank 0 only)
     world_size: int = 1
 
@@ -134,6 +136,7 @@ def run_training(
     resume: str | None = None,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
+    requeue_signal: signal.Signals | None = None,
 ) -> RunResult:
     """Train, keep the best model on validation, evaluate it once on the test split.
 
@@ -143,9 +146,13 @@ def run_training(
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: each trains on its shard of the
     data with DDP, metrics are summed over the ranks, and only rank 0 writes files and calls
     ``on_epoch_end``/``on_step``. ``config.batch_size`` is per process.
+
+    SIGTERM/SIGINT, and ``requeue_signal`` when given (``signals.resolve_requeue_signal``), stop every
+    rank after the same step with a checkpoint (``RunResult.interrupted``; ``requeue`` for the latter).
     """
     with distributed_session(config.device) as context, quiet_unless_main(context):
-        return _TrainingRun(config, context, resume=resume, on_epoch_end=on_epoch_end, on_step=on_step).run()
+        return _TrainingRun(config, context, resume=resume, on_epoch_end=on_epoch_end, on_step=on_step,
+                            requeue_signal=requeue_signal).run()
 
 
 class _TrainingRun:
@@ -153,8 +160,10 @@ class _TrainingRun:
 
     def __init__(self, config: TrainConfig, context: DistributedContext, *, resume: str | None,
                  on_epoch_end: Callable[[EpochRecord], None] | None,
-                 on_step: Callable[[StepEvent], None] | None) -> None:
+                 on_step: Callable[[StepEvent], None] | None,
+                 requeue_signal: signal.Signals | None = None) -> None:
         self.config = config
+        self.requeue_signal = requeue_signal
         self.context = context
         self.device = context.device
         self.out_dir = Path(config.out)
@@ -310,7 +319,7 @@ class _TrainingRun:
                 self._restore(*self.found)
             self.files.write_config(dataset=self.splits.summary())
             val_epoch = None if self.loaders.val is None else self.loaders.val.epoch
-            with StopRequest() as stop:
+            with StopRequest(requeue_signal=self.requeue_signal) as stop:
                 # The flag is combined over the ranks at every step boundary (torchrun forwards SIGTERM
                 # to every worker, but not at the same instant), so all ranks stop after the same step.
                 fit = self.trainer.fit(self.loaders.train.epoch, val_epoch, on_epoch_end=self._epoch_done,
@@ -334,7 +343,8 @@ class _TrainingRun:
                     "; checkpoint saved, continue with --resume auto" if self.context.is_main else "")
         # Nobody exits before rank 0's checkpoint is on disk.
         self.context.barrier()
-        return self._result(fit, test={}, interrupted=True, stop_signal=signal_name)
+        requeue = self.requeue_signal is not None and signal_name == self.requeue_signal.name
+        return self._result(fit, test={}, interrupted=True, stop_signal=signal_name, requeue=requeue)
 
     def _test(self) -> dict[int, dict[str, float]]:
         """The best model, once, on the test split; results.json."""
@@ -359,10 +369,10 @@ class _TrainingRun:
         return metrics
 
     def _result(self, fit: FitResult, *, test: dict, interrupted: bool = False,
-                stop_signal: str | None = None) -> RunResult:
+                stop_signal: str | None = None, requeue: bool = False) -> RunResult:
         return RunResult(
             out_dir=self.out_dir, backend=self.backend, device=str(self.device), task=self.task,
             classes=self.splits.classes, history=fit.history, best_epoch=self.trainer.best_epoch, test=test,
             dataset=self.splits.summary(), interrupted=interrupted, stop_signal=stop_signal,
-            rank=self.context.rank, world_size=self.context.world_size,
+            requeue=requeue, rank=self.context.rank, world_size=self.context.world_size,
         )
