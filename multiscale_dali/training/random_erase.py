@@ -86,7 +86,8 @@ def erase_images(images: torch.Tensor, draw: EraseDraw) -> torch.Tensor:
     cols = torch.arange(width, device=images.device).view(1, 1, width)
     inside = ((rows >= y0.view(-1, 1, 1)) & (rows < y1.view(-1, 1, 1))
               & (cols >= x0.view(-1, 1, 1)) & (cols < x1.view(-1, 1, 1)))
-    return images.masked_fill(inside.unsqueeze(1), ERASE_FILL)
+    # clone() keeps channels_last (an out-of-place masked_fill with a broadcast mask would not).
+    return images.clone().masked_fill_(inside.unsqueeze(1), ERASE_FILL)
 
 
 def apply_erase(draw: EraseDraw, batch: MultiScaleBatch) -> MultiScaleBatch:
