@@ -118,7 +118,8 @@ RECIPE = ["--auto-augment", "trivial", "--random-erase", "0.5", "--mixup", "0.2"
 
 
 @pytest.mark.parametrize("backend, mode, recipe", [
-    *[(backend, mode, False) for backend in BACKENDS for mode in ("multiscale", "progressive")],
+    *[pytest.param(*getattr(backend, "values", (backend,)), mode, False, marks=getattr(backend, "marks", ()))
+      for backend in BACKENDS for mode in ("multiscale", "progressive")],
     ("torchvision", "multiscale", True),
 ])
 def test_resumed_run_ends_with_bit_identical_weights(tmp_path, image_root, backend, mode, recipe):

@@ -205,3 +205,23 @@ def test_two_ranks_draw_differently_and_one_seed_draws_the_same():
     draws = [StepRecipe(options, num_classes=BATCH, seed=0, rank=rank).prepare(_batch()).batch.images[16]
              for rank in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_recipe_runs_on_the_device_and_erases_as_on_the_cpu():
+    options = RecipeOptions(mix=MixConfig(mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1),
+                            random_erase=1.0, ema_decay=0.9, select_ema=True)
+    prepared = {}
+    for device in ("cpu", "cuda"):
+        net = SpyNet(BATCH).to(device)
+        recipe = StepRecipe(options, model=net, task="multiclass", num_classes=BATCH, seed=7)
+        batch = _batch()
+        batch = MultiScaleBatch(images={s: x.to(device) for s, x in batch.images.items()}, labels=batch.labels.to(device))
+        prepared[device] = recipe.prepare(batch)
+        recipe.after_step(net)
+        assert all(p.device.type == device for p in recipe.models(net)["ema"].parameters())
+    for s in SCALES:
+        assert prepared["cuda"].batch.images[s].device.type == "cuda"
+        torch.testing.assert_close(prepared["cuda"].batch.images[s].cpu(), prepared["cpu"].batch.images[s])
+        torch.testing.assert_close(prepared["cuda"].target_at(s).cpu(), prepared["cpu"].target_at(s))
