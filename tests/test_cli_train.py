@@ -34,8 +34,12 @@ def _train(*args: str) -> Result:
     return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
 
 
+def _checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["trainer"]["model"]
+    return _checkpoint(run_dir)["trainer"]["model"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -135,8 +139,7 @@ def test_resumed_run_ends_with_bit_identical_weights(tmp_path, image_root, backe
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
     if recipe:  # the weight average resumes exactly too, and so does the model kept as best
-        full_ema, part_ema = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)["trainer"]["ema"]
-                              for run in ("full", "part"))
+        full_ema, part_ema = (_checkpoint(tmp_path / run)["trainer"]["ema"] for run in ("full", "part"))
         assert full_ema["step"] == part_ema["step"] > 0
         assert all(torch.equal(full_ema["module"][k], v) for k, v in part_ema["module"].items())
         best = [torch.load(tmp_path / run / "best.pt", weights_only=True)["model"] for run in ("full", "part")]
@@ -151,7 +154,9 @@ CPU_RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "cpu_recipe.
 def test_the_cpu_recipe_trains_with_every_option_on(tmp_path, image_root, backend, mode):
     out = tmp_path / "run"
     # Progressive mode trains one scale per step: no consistency term there.
-    by_mode = ["--mode", mode] + (["--consistency-weight", "0", "--schedule", "0:32,1:48"] if mode == "progressive" else [])
+    by_mode = ["--mode", mode]
+    if mode == "progressive":
+        by_mode += ["--consistency-weight", "0", "--schedule", "0:32,1:48"]
     result = _train("--config", str(CPU_RECIPE), "--data", str(image_root), "--out", str(out), "--backend", backend,
                     "--epochs", "2", *by_mode, *SMALL)
     assert result.exit_code == 0, result.output

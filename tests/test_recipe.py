@@ -217,7 +217,8 @@ def test_the_recipe_runs_on_the_device_and_erases_as_on_the_cpu():
         net = SpyNet(BATCH).to(device)
         recipe = StepRecipe(options, model=net, task="multiclass", num_classes=BATCH, seed=7)
         batch = _batch()
-        batch = MultiScaleBatch(images={s: x.to(device) for s, x in batch.images.items()}, labels=batch.labels.to(device))
+        batch = MultiScaleBatch(images={s: x.to(device) for s, x in batch.images.items()},
+                                labels=batch.labels.to(device))
         prepared[device] = recipe.prepare(batch)
         recipe.after_step(net)
         assert all(p.device.type == device for p in recipe.models(net)["ema"].parameters())

@@ -7,7 +7,15 @@ from typing import Any, Callable, TypeVar
 import click
 
 from multiscale_dali.cli.params import SCALES
-from multiscale_dali.constants import AUTO_AUGMENT_POLICIES, BACKENDS, CONSISTENCY_TYPES, MODES, SELECT_ON, TASKS, TEACHERS
+from multiscale_dali.constants import (
+    AUTO_AUGMENT_POLICIES,
+    BACKENDS,
+    CONSISTENCY_TYPES,
+    MODES,
+    SELECT_ON,
+    TASKS,
+    TEACHERS,
+)
 from multiscale_dali.training.config import (
     AMP_CHOICES,
     BAD_FILE_POLICIES,

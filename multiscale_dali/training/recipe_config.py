@@ -60,14 +60,16 @@ def _check_mixing(config: "TrainConfig") -> None:
     if config.mix_prob != DEFAULT_MIX_PROB and not (config.mixup > 0 or config.cutmix > 0):
         raise ConfigError("mix_prob", "applies when --mixup or --cutmix is > 0")
     if config.mix_switch_prob != DEFAULT_MIX_SWITCH_PROB and not (config.mixup > 0 and config.cutmix > 0):
-        raise ConfigError("mix_switch_prob", "picks CutMix over MixUp: it applies when both --mixup and --cutmix are > 0")
+        raise ConfigError("mix_switch_prob",
+                          "picks CutMix over MixUp: it applies when both --mixup and --cutmix are > 0")
     if not _finite(config.label_smoothing) or not 0.0 <= config.label_smoothing < 1.0:
         raise ConfigError("label_smoothing", f"must be in [0, 1), got {config.label_smoothing!r}")
 
 
 def _check_ema(config: "TrainConfig") -> None:
     if not _finite(config.ema_decay) or not 0.0 <= config.ema_decay < 1.0:
-        raise ConfigError("ema_decay", f"must be 0 (no EMA) or a decay in (0, 1), e.g. 0.9998, got {config.ema_decay!r}")
+        raise ConfigError("ema_decay",
+                          f"must be 0 (no EMA) or a decay in (0, 1), e.g. 0.9998, got {config.ema_decay!r}")
     if config.select_on and config.select_on not in SELECT_ON:
         raise ConfigError("select_on", f"{config.select_on!r} is not one of {', '.join(SELECT_ON)}")
     if config.select_on and config.ema_decay == 0:

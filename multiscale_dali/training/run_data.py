@@ -123,7 +123,8 @@ class RunLoaders:
             drop_last=train and len(split) > config.batch_size, channels_last=config.channels_last,
             shard_id=context.rank, num_shards=context.world_size,
             # Automatic augmentation is training-only: evaluation sees the plain centre crop.
-            auto_augment=AutoAugmentSpec(config.auto_augment, config.rand_n, config.rand_m) if train else AutoAugmentSpec(),
+            auto_augment=(AutoAugmentSpec(config.auto_augment, config.rand_n, config.rand_m) if train
+                          else AutoAugmentSpec()),
         )
 
     def test(self, schedule: ScaleSchedule) -> Loader:

@@ -213,8 +213,9 @@ class MultiScaleTrainer:
         count = 0
         for scale, out in logits.items():
             # The loss already computed each scale's base loss; only accuracy is new work.
-            loss_mean, hits, count = self._metric_terms(
-                out, prepared.batch, values.base[scale], labels=prepared.labels_at(scale), targets=prepared.target_at(scale))
+            loss_mean, hits, count = self._metric_terms(out, prepared.batch, values.base[scale],
+                                                        labels=prepared.labels_at(scale),
+                                                        targets=prepared.target_at(scale))
             meter.update(scale, loss_mean, hits, count)
         meter.add_samples(count)
         # Components are batch means over every sample, padding included (as the gradient is).
