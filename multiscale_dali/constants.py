@@ -63,6 +63,22 @@ class Tta(enum.StrEnum):
     FLIP = "flip"
 
 
+class AutoAugmentPolicy(enum.StrEnum):
+    """Automatic augmentation of the training crop, one draw per sample shared by every scale."""
+
+    NONE = "none"
+    TRIVIAL = "trivial"  # TrivialAugmentWide
+    RAND = "rand"  # RandAugment (--rand-n operations of magnitude --rand-m)
+    AUTO = "auto"  # AutoAugment, ImageNet policy
+
+
+class SelectOn(enum.StrEnum):
+    """Which weights a run with a weight EMA keeps as ``best.pt``: the average or the trained ones."""
+
+    EMA = "ema"
+    RAW = "raw"
+
+
 # Plain strings, not the members: click.Choice (8.2+) matches an Enum member by its *name* ("DALI",
 # so `--backend dali` would be refused), and torch.load(weights_only=True) refuses enum objects, so
 # what reaches flags, configs and checkpoints is the value.
@@ -72,6 +88,12 @@ TASKS: tuple[str, ...] = tuple(member.value for member in Task)
 CONSISTENCY_TYPES: tuple[str, ...] = tuple(member.value for member in ConsistencyType)
 TEACHERS: tuple[str, ...] = tuple(member.value for member in Teacher)
 TTA_CHOICES: tuple[str, ...] = tuple(member.value for member in Tta)
+AUTO_AUGMENT_POLICIES: tuple[str, ...] = tuple(member.value for member in AutoAugmentPolicy)
+SELECT_ON: tuple[str, ...] = tuple(member.value for member in SelectOn)
+
+# Magnitude bins of TrivialAugmentWide and RandAugment in both torchvision and DALI: --rand-m indexes them.
+NUM_MAGNITUDE_BINS = 31
+MAX_RAND_M = NUM_MAGNITUDE_BINS - 1
 
 # Share of JPEG decoding DALI's mixed decoder sends to the hardware JPEG engines (A100/H100 and
 # later); the rest runs on the CUDA/CPU hybrid path. The benchmark sweeps it.

@@ -139,3 +139,45 @@ def test_python_dash_m_runs_the_command_line():
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert all(name in done.stdout for name in COMMANDS)
+
+
+# ---------------------------------------------------------------------------------------- the training recipe
+@pytest.mark.parametrize("args, flag, allowed", [
+    (["--mixup", "-1"], "--mixup", ">= 0"),
+    (["--cutmix", "nan"], "--cutmix", ">= 0"),
+    (["--label-smoothing", "1.0"], "--label-smoothing", "[0, 1)"),
+    (["--ema-decay", "1.5"], "--ema-decay", "(0, 1)"),
+    (["--ema-decay", "-0.1"], "--ema-decay", "(0, 1)"),
+    (["--auto-augment", "rand", "--rand-m", "40"], "--rand-m", "0..30"),
+    (["--auto-augment", "rand", "--rand-n", "0"], "--rand-n", ">= 1"),
+    (["--auto-augment", "foo"], "--auto-augment", "'none', 'trivial', 'rand', 'auto'"),
+    (["--random-erase", "1.5"], "--random-erase", "[0, 1]"),
+    (["--mixup", "0.2", "--mix-prob", "2"], "--mix-prob", "[0, 1]"),
+    (["--mixup", "0.2", "--cutmix", "1", "--mix-switch-prob", "-1"], "--mix-switch-prob", "[0, 1]"),
+    (["--select-on", "best"], "--select-on", "'ema', 'raw'"),
+])
+def test_an_out_of_range_recipe_value_is_one_line_naming_the_flag_and_range_before_any_data_is_read(
+        tmp_path, args, flag, allowed):
+    # --data does not exist: reading it first would fail on --data instead.
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "r"),
+                                       *args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and flag in errors[0] and allowed in errors[0], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, flag, needs", [
+    (["--select-on", "ema"], "--select-on", "--ema-decay"),
+    (["--select-on", "raw"], "--select-on", "--ema-decay"),
+    (["--rand-n", "3"], "--rand-n", "--auto-augment rand"),
+    (["--auto-augment", "trivial", "--rand-m", "5"], "--rand-m", "--auto-augment rand"),
+    (["--mix-prob", "0.5"], "--mix-prob", "--mixup or --cutmix"),
+    (["--mixup", "0.2", "--mix-switch-prob", "0.3"], "--mix-switch-prob", "both --mixup and --cutmix"),
+])
+def test_a_recipe_option_that_would_do_nothing_is_refused_naming_what_it_needs(tmp_path, args, flag, needs):
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "r"),
+                                       *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: {flag}: ") and needs in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -34,8 +34,12 @@ def _train(*args: str) -> Result:
     return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
 
 
+def _checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["trainer"]["model"]
+    return _checkpoint(run_dir)["trainer"]["model"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,12 +116,20 @@ def test_bad_image_stops_before_training_unless_skipped(tmp_path):
     assert sum(s["total"] for s in summary.values()) == 16, "the broken file is not trained on"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["multiscale", "progressive"])
-def test_resumed_run_ends_with_bit_identical_weights(tmp_path, image_root, backend, mode):
+# Every piece of the training recipe, each with random draws or state of its own.
+RECIPE = ["--auto-augment", "trivial", "--random-erase", "0.5", "--mixup", "0.2", "--cutmix", "1.0",
+          "--label-smoothing", "0.1", "--ema-decay", "0.9"]
+
+
+@pytest.mark.parametrize("backend, mode, recipe", [
+    *[pytest.param(*getattr(backend, "values", (backend,)), mode, False, marks=getattr(backend, "marks", ()))
+      for backend in BACKENDS for mode in ("multiscale", "progressive")],
+    ("torchvision", "multiscale", True),
+])
+def test_resumed_run_ends_with_bit_identical_weights(tmp_path, image_root, backend, mode, recipe):
     by_mode = ["--consistency-weight", "0.5"] if mode == "multiscale" else ["--schedule", "0:32,2:48"]
     common = ["--data", str(image_root), "--backend", backend, "--mode", mode, "--lr-schedule", "constant",
-              *by_mode, *SMALL]
+              *by_mode, *SMALL, *(RECIPE if recipe else [])]
     assert _train(*common, "--epochs", "3", "--out", str(tmp_path / "full")).exit_code == 0
     assert _train(*common, "--epochs", "2", "--out", str(tmp_path / "part")).exit_code == 0
     resumed = _train("--resume", "auto", "--epochs", "3", "--out", str(tmp_path / "part"))
@@ -126,6 +138,38 @@ def test_resumed_run_ends_with_bit_identical_weights(tmp_path, image_root, backe
     assert all(torch.equal(full[k], part[k]) for k in full)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
+    if recipe:  # the weight average resumes exactly too, and so does the model kept as best
+        full_ema, part_ema = (_checkpoint(tmp_path / run)["trainer"]["ema"] for run in ("full", "part"))
+        assert full_ema["step"] == part_ema["step"] > 0
+        assert all(torch.equal(full_ema["module"][k], v) for k, v in part_ema["module"].items())
+        best = [torch.load(tmp_path / run / "best.pt", weights_only=True)["model"] for run in ("full", "part")]
+        assert all(torch.equal(best[0][k], v) for k, v in best[1].items())
+
+
+CPU_RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "cpu_recipe.toml"
+
+
+@pytest.mark.parametrize("backend, mode", [("torchvision", "multiscale"),
+                                           pytest.param("dali", "progressive", marks=BACKENDS[-1].marks)])
+def test_the_cpu_recipe_trains_with_every_option_on(tmp_path, image_root, backend, mode):
+    out = tmp_path / "run"
+    # Progressive mode trains one scale per step: no consistency term there.
+    by_mode = ["--mode", mode]
+    if mode == "progressive":
+        by_mode += ["--consistency-weight", "0", "--schedule", "0:32,1:48"]
+    result = _train("--config", str(CPU_RECIPE), "--data", str(image_root), "--out", str(out), "--backend", backend,
+                    "--epochs", "2", *by_mode, *SMALL)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["auto_augment"], config["mixup"], config["cutmix"]) == ("trivial", 0.2, 1.0)
+    assert config["label_smoothing"] > 0 and config["random_erase"] > 0 and config["ema_decay"] > 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(x["val_ema"]) == set(x["val"]) for x in lines), "the EMA is validated beside the raw weights"
+    assert all(0 <= m["accuracy"] <= 1 for x in lines for part in ("train", "val_ema") for m in x[part].values())
+    best_epoch = json.loads((out / "results.json").read_text())["best_epoch"]
+    kept = torch.load(out / "best.pt", weights_only=True)
+    assert kept["val"] == lines[best_epoch]["val_ema"], "best.pt holds the EMA's weights (select_on = ema)"
+    assert "val EMA" in result.output
 
 
 def test_resume_refuses_a_changed_setting_naming_the_flag(tmp_path, image_root):

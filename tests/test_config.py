@@ -52,6 +52,12 @@ def test_wrong_type_in_recipe_names_the_key(tmp_path):
         ({"lr": 0.0}, "lr"),
         ({"split_fractions": (0.5, 0.5, 0.5)}, "split_fractions"),
         ({"device": "tpu"}, "device"),
+        ({"mixup": -1.0}, "mixup"),
+        ({"auto_augment": "rand", "rand_m": 31}, "rand_m"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"select_on": "ema"}, "select_on"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"auto_augment": "ta_wide"}, "auto_augment"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_field(changes, key):
@@ -61,6 +67,16 @@ def test_bad_values_raise_config_error_naming_the_field(changes, key):
     assert info.value.flag == "--" + key.replace("_", "-")
 
 
-def test_config_round_trips_through_its_plain_dict():
-    config = TrainConfig(scales=(32, 64), consistency_weight=0.5)
+@pytest.mark.parametrize("changes", [{}, {"auto_augment": "rand", "rand_n": 3, "rand_m": 12, "mixup": 0.2,
+                                         "cutmix": 1.0, "mix_switch_prob": 0.3, "ema_decay": 0.999,
+                                         "select_on": "raw", "random_erase": 0.1, "label_smoothing": 0.1}])
+def test_config_round_trips_through_its_plain_dict(changes):
+    config = TrainConfig(scales=(32, 64), consistency_weight=0.5, **changes)
     assert config_from_mapping(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", ["cpu_recipe", "resnet50_full_recipe"])
+def test_the_training_recipe_recipes_turn_every_piece_on(name):
+    config = recipe_config(Path(__file__).resolve().parent.parent / "pipelines" / f"{name}.toml")
+    assert config.auto_augment != "none" and config.random_erase > 0 and config.label_smoothing > 0
+    assert config.mixup > 0 and config.cutmix > 0 and config.ema_decay > 0

@@ -9,21 +9,25 @@ import pytest
 import torch
 
 from multiscale_dali.constants import (
+    AUTO_AUGMENT_POLICIES,
     BACKENDS,
     CONSISTENCY_TYPES,
     MODES,
+    SELECT_ON,
     TASKS,
     TEACHERS,
+    AutoAugmentPolicy,
     Backend,
     ConsistencyType,
     Mode,
+    SelectOn,
     Task,
     Teacher,
 )
 from multiscale_dali.pipelines.factory import resolve_backend
 
 PAIRS = [(BACKENDS, Backend), (MODES, Mode), (TASKS, Task), (CONSISTENCY_TYPES, ConsistencyType),
-         (TEACHERS, Teacher)]
+         (TEACHERS, Teacher), (AUTO_AUGMENT_POLICIES, AutoAugmentPolicy), (SELECT_ON, SelectOn)]
 
 
 @pytest.mark.parametrize(("choices", "enum_type"), PAIRS, ids=lambda x: getattr(x, "__name__", ""))

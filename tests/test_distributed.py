@@ -398,7 +398,9 @@ def test_sigterm_stops_every_rank_at_one_step_with_exit_75_and_resume_finishes(t
     directory and a relative --out, so any file it wrote would show up there."""
     env = _env(tmp_path / "cache")
     cwds, logs = [tmp_path / "rank0", tmp_path / "rank1"], [tmp_path / "rank0.log", tmp_path / "rank1.log"]
-    args = _train_args(dataset, "run", "torchvision", "--checkpoint-every", "1", "--lr-schedule", "constant")
+    # With the training recipe on: the EMA is saved once, each rank's erase/mix generators per rank.
+    args = _train_args(dataset, "run", "torchvision", "--checkpoint-every", "1", "--lr-schedule", "constant",
+                       "--mixup", "0.2", "--cutmix", "1.0", "--random-erase", "0.5", "--ema-decay", "0.9")
     ranks = _launch_ranks_directly(args, env=env, cwds=cwds, logs=logs)
     try:
         run = cwds[0] / "run"
@@ -418,7 +420,9 @@ def test_sigterm_stops_every_rank_at_one_step_with_exit_75_and_resume_finishes(t
     assert len({m.groups()[1:] for m in stops}) == 1  # same epoch, step and global step on both ranks
     payload = _checkpoint(run)
     _assert_ranks_in_step(payload)
-    assert payload["trainer"]["global_step"] == int(stops[0].group(4))
+    assert payload["trainer"]["global_step"] == int(stops[0].group(4)) == payload["trainer"]["ema"]["step"]
+    rngs = payload["trainer"]["recipe_rngs"]
+    assert len(rngs) == WORLD and not torch.equal(rngs[0]["mixer"], rngs[1]["mixer"]), "each rank draws its own"
     # Only rank 0 writes, and rank 1 logs warnings only.
     assert not (cwds[1] / "run").exists() and sorted(p.name for p in cwds[1].iterdir()) == []
     assert "INFO" in texts[0] and "INFO" not in texts[1]

@@ -99,3 +99,15 @@ def test_mismatched_shapes_are_refused(fn, logits, targets):
 def test_soft_base_loss_needs_a_resolved_task():
     with pytest.raises(ValueError, match="task"):
         soft_base_loss(torch.zeros(2, 3), torch.zeros(2, 3), task="auto")
+
+
+@pytest.mark.parametrize("task, num_classes", [("multiclass", 5), ("binary", 2)])
+def test_the_trainers_base_loss_takes_soft_targets_as_the_soft_loss_does(task, num_classes):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, num_classes if task == "multiclass" else 1, generator=gen)
+    labels = torch.randint(0, num_classes, (6,), generator=gen)
+    soft = smooth_targets(labels, smoothing=0.3, task=task, num_classes=num_classes)
+    mixed = soft.lerp(soft.flip(0), 0.4)
+    assert base_loss(logits, mixed, task=task) == pytest.approx(soft_base_loss(logits, mixed, task=task).item())
+    one_hot = smooth_targets(labels, smoothing=0.0, task=task, num_classes=num_classes)
+    assert base_loss(logits, one_hot, task=task) == pytest.approx(base_loss(logits, labels, task=task).item())

@@ -7,6 +7,8 @@ from torch import nn
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.training.losses import ScaleConsistencyLoss
 from multiscale_dali.training.metrics import ScaleMeter
+from multiscale_dali.training.mixing import MixConfig
+from multiscale_dali.training.recipe import RecipeOptions, StepRecipe
 from multiscale_dali.models.registry import build_model
 from multiscale_dali.pipelines.schedule import constant_schedule, stepwise_schedule
 from multiscale_dali.training.trainer import (
@@ -31,7 +33,13 @@ def _bright_vs_dark_batches(scales, *, steps=6, batch_size=8, seed=0):
     return batches
 
 
-def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_efficient=False, lr=1e-2):
+# MixUp/CutMix, label smoothing, random erasing and a weight EMA: every piece with state of its own.
+RECIPE = RecipeOptions(mix=MixConfig(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1), random_erase=0.5,
+                       ema_decay=0.9, select_ema=True)
+
+
+def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_efficient=False, lr=1e-2,
+             recipe: RecipeOptions | None = None):
     torch.manual_seed(0)
     model = build_model("tiny_cnn", num_outputs=1)
     return cls(
@@ -40,6 +48,7 @@ def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_ef
         optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
         schedule=schedule,
         options=TrainerOptions(epochs=epochs, memory_efficient=memory_efficient),
+        recipe=None if recipe is None else StepRecipe(recipe, model=model, task="binary", num_classes=2, seed=3),
     )
 
 
@@ -141,27 +150,34 @@ def _roundtrip(state, tmp_path):
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.parametrize("recipe", [None, RECIPE], ids=["plain", "recipe"])
 @pytest.mark.parametrize("stop_after_steps", [12, 8], ids=["epoch-boundary", "mid-epoch"])
-def test_resumed_trainer_ends_with_bit_identical_weights(tmp_path, stop_after_steps):
+def test_resumed_trainer_ends_with_bit_identical_weights(tmp_path, stop_after_steps, recipe):
     scales = (16, 24)
     data = _bright_vs_dark_batches(scales, steps=6)
-    reference = _trainer(schedule=constant_schedule(scales), epochs=3)
+    reference = _trainer(schedule=constant_schedule(scales), epochs=3, recipe=recipe)
     expected = reference.fit(lambda e: data, lambda e: data[:2])
 
-    first = _trainer(schedule=constant_schedule(scales), epochs=3)
+    first = _trainer(schedule=constant_schedule(scales), epochs=3, recipe=recipe)
     steps = []
     first.fit(lambda e: data, lambda e: data[:2], on_step=steps.append,
               should_stop=lambda: len(steps) >= stop_after_steps)
     state = _roundtrip(first.state_dict(), tmp_path)
     assert state["global_step"] == stop_after_steps
 
-    resumed = _trainer(schedule=constant_schedule(scales), epochs=3)
+    resumed = _trainer(schedule=constant_schedule(scales), epochs=3, recipe=recipe)
     resumed.load_state_dict(state)
     # The loaders replay the rest of the interrupted epoch; here that is a slice of the data.
     result = resumed.fit(lambda e: data[resumed.step_in_epoch:], lambda e: data[:2])
     for a, b in zip(reference.net.state_dict().values(), resumed.net.state_dict().values()):
         assert torch.equal(a, b)
     assert resumed.global_step == reference.global_step
+    if recipe is not None:  # the average, its update count and the next draws continue exactly too
+        final, again = reference.state_dict(), resumed.state_dict()
+        assert again["ema"]["step"] == final["ema"]["step"] == reference.global_step
+        assert all(torch.equal(final["ema"]["module"][k], v) for k, v in again["ema"]["module"].items())
+        assert all(torch.equal(final["recipe_rngs"][0][k], v) for k, v in again["recipe_rngs"][0].items())
+        assert result.history[-1].val_ema == expected.history[-1].val_ema
     # The interrupted epoch's metrics cover its steps from before and after the resume.
     for scale, metrics in expected.history[-1].train.items():
         assert result.history[-1].train[scale] == pytest.approx(metrics)

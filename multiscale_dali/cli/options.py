@@ -7,7 +7,15 @@ from typing import Any, Callable, TypeVar
 import click
 
 from multiscale_dali.cli.params import SCALES
-from multiscale_dali.constants import BACKENDS, CONSISTENCY_TYPES, MODES, TASKS, TEACHERS
+from multiscale_dali.constants import (
+    AUTO_AUGMENT_POLICIES,
+    BACKENDS,
+    CONSISTENCY_TYPES,
+    MODES,
+    SELECT_ON,
+    TASKS,
+    TEACHERS,
+)
 from multiscale_dali.training.config import (
     AMP_CHOICES,
     BAD_FILE_POLICIES,
@@ -56,6 +64,18 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--on-bad-file", "on_bad_file", click.Choice(BAD_FILE_POLICIES), "Unreadable images found by the pre-flight scan: stop, or train without them."),
     ("--max-image-pixels", "max_image_pixels", int, "Reject images whose header claims more pixels (decompression bombs)."),
     ("--scan/--no-scan", "scan", None, "Pre-flight check of every image (cached per file); --no-scan trusts the data."),
+    # The training recipe: one random draw per sample (or batch), shared by every scale of the step.
+    ("--auto-augment", "auto_augment", click.Choice(AUTO_AUGMENT_POLICIES), "Automatic augmentation of the training crop, drawn once per sample for all scales: trivial (TrivialAugmentWide), rand (RandAugment), auto (AutoAugment, ImageNet policy)."),
+    ("--rand-n", "rand_n", int, "--auto-augment rand: operations per sample."),
+    ("--rand-m", "rand_m", int, "--auto-augment rand: magnitude bin, 0..30."),
+    ("--random-erase", "random_erase", float, "Probability of erasing a random box of each training image (after normalisation; the same box at every scale)."),
+    ("--mixup", "mixup", float, "MixUp alpha (0 = off): one lambda and one partner per batch for all scales."),
+    ("--cutmix", "cutmix", float, "CutMix alpha (0 = off): one box per batch, in relative coordinates, scaled to every scale."),
+    ("--mix-prob", "mix_prob", float, "Probability that a batch is mixed (timm's --mixup-prob)."),
+    ("--mix-switch-prob", "mix_switch_prob", float, "With --mixup and --cutmix: probability of CutMix instead of MixUp for a batch."),
+    ("--label-smoothing", "label_smoothing", float, "Training targets: 1 - eps on the label, eps spread over the classes (binary: towards 0.5). Evaluation loss stays plain."),
+    ("--ema-decay", "ema_decay", float, "Weight EMA decay (0 = off), with a warm-up; validated beside the raw weights every epoch."),
+    ("--select-on", "select_on", click.Choice(SELECT_ON), "With --ema-decay: the weights kept as best.pt (default ema)."),
 ]
 TRAIN_FIELDS: tuple[str, ...] = tuple(field for _, field, _, _ in TRAIN_FLAGS)
 

@@ -21,9 +21,11 @@ def bars_enabled() -> bool | None:
 def format_epoch(record: Any, epochs: int) -> str:
     train = " ".join(f"{s}px {m['loss']:.3f}/{m['accuracy']:.1%}" for s, m in record.train.items())
     val = " ".join(f"{s}px {m['loss']:.3f}/{m['accuracy']:.1%}" for s, m in record.val.items())
+    ema = " ".join(f"{s}px {m['loss']:.3f}/{m['accuracy']:.1%}" for s, m in record.val_ema.items())
     best = " *" if record.is_best else ""
     return (f"epoch {record.epoch + 1:>3}/{epochs} | train loss/acc {train} | val {val or '-'} | "
-            f"{record.images_per_second:,.0f} img/s {record.seconds:.1f}s{best}")
+            + (f"val EMA {ema} | " if ema else "")
+            + f"{record.images_per_second:,.0f} img/s {record.seconds:.1f}s{best}")
 
 
 class TrainReporter:

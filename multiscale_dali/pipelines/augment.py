@@ -24,12 +24,10 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+from multiscale_dali.constants import AUTO_AUGMENT_POLICIES, MAX_RAND_M, NUM_MAGNITUDE_BINS
 from multiscale_dali.errors import ConfigError
 
-AUTO_AUGMENT_POLICIES: tuple[str, ...] = ("none", "trivial", "rand", "auto")
-# Magnitude bins of TrivialAugmentWide and RandAugment in both torchvision and DALI: rand_m indexes them.
-NUM_MAGNITUDE_BINS = 31
-MAX_RAND_M = NUM_MAGNITUDE_BINS - 1
+# NUM_MAGNITUDE_BINS and MAX_RAND_M live in constants (the configuration checks --rand-m without torch).
 # Grey padding where a rotation, shear or translation uncovers the canvas: DALI's default fill_value.
 # torchvision's default is black; grey keeps the uncovered area near the data's mean in both backends.
 AUGMENT_FILL = 128

@@ -28,7 +28,7 @@ def summary_writer_class() -> Any:
 def epoch_scalars(record: EpochRecord) -> dict[str, float]:
     """The scalars of one epoch, by TensorBoard tag."""
     scalars: dict[str, float] = {}
-    for split, by_scale in (("train", record.train), ("val", record.val)):
+    for split, by_scale in (("train", record.train), ("val", record.val), ("val_ema", record.val_ema)):
         for scale, metrics in by_scale.items():
             for name, value in metrics.items():
                 scalars[f"{name}/{split}_{scale}px"] = float(value)

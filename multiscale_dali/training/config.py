@@ -27,6 +27,13 @@ from multiscale_dali.constants import (
 )
 from multiscale_dali.data.discovery import validate_fractions
 from multiscale_dali.pipelines.schedule import parse_scales
+from multiscale_dali.training.recipe_config import (
+    DEFAULT_MIX_PROB,
+    DEFAULT_MIX_SWITCH_PROB,
+    DEFAULT_RAND_M,
+    DEFAULT_RAND_N,
+    check_recipe_fields,
+)
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -90,6 +97,18 @@ class TrainConfig:
     scan: bool = True  # False trusts the data: no pre-flight scan (DALI then stops at a bad file)
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap, checked from headers
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+    # The training recipe (training/recipe_config.py checks these; README "The training recipe").
+    auto_augment: str = "none"
+    rand_n: int = DEFAULT_RAND_N
+    rand_m: int = DEFAULT_RAND_M
+    random_erase: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = DEFAULT_MIX_PROB
+    mix_switch_prob: float = DEFAULT_MIX_SWITCH_PROB
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # 0: no weight EMA
+    select_on: str = ""  # "": the EMA's weights when ema_decay > 0, else the raw ones
 
     def __post_init__(self) -> None:
         _choice("backend", self.backend, BACKENDS)
@@ -137,6 +156,7 @@ class TrainConfig:
             raise ConfigError("split_fractions", str(err)) from None
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        check_recipe_fields(self)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -122,7 +122,13 @@ def _log_probs(logits: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def base_loss(logits: torch.Tensor, labels: torch.Tensor, *, task: str) -> torch.Tensor:
-    """Mean cross-entropy (multiclass) or BCE-with-logits on the positive logit (binary)."""
+    """Mean cross-entropy (multiclass) or BCE-with-logits on the positive logit (binary).
+
+    ``labels``: int64 class indices ``[B]``, or soft targets as float (the training recipe's MixUp,
+    CutMix and label smoothing, see ``soft_targets.py``): class probabilities ``[B, C]`` for a
+    multiclass task, the positive class's probability ``[B]`` for a binary one. With one-hot soft
+    targets the loss equals the hard-label one.
+    """
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(
             f"logits have batch size {logits.shape[0]} but labels have {labels.shape[0]}"
@@ -132,6 +138,8 @@ def base_loss(logits: torch.Tensor, labels: torch.Tensor, *, task: str) -> torch
     if _check_task(task) == BINARY:
         z = _binary_logits(logits)
         return F.binary_cross_entropy_with_logits(z, labels.to(z.dtype).view(-1))
+    if labels.is_floating_point():  # probabilities [B, C]: cross_entropy takes them as its target
+        return F.cross_entropy(_multiclass_logits(logits), labels.to(logits.dtype))
     return F.cross_entropy(_multiclass_logits(logits), labels.long().view(-1))
 
 
@@ -317,12 +325,18 @@ class ScaleConsistencyLoss(torch.nn.Module):
     def _divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return consistency_divergence(student, teacher, task=self.task, kind=self.consistency_type)
 
-    def step_losses(self, logits_by_scale: Mapping[int, torch.Tensor], labels: torch.Tensor) -> StepLosses:
-        """The step's objective and its terms, on the device (no host sync); ``total`` keeps its graph."""
+    def step_losses(self, logits_by_scale: Mapping[int, torch.Tensor],
+                    labels: torch.Tensor | Mapping[int, torch.Tensor]) -> StepLosses:
+        """The step's objective and its terms, on the device (no host sync); ``total`` keeps its graph.
+
+        ``labels``: one target for every scale, or one per scale (MixUp/CutMix soft targets, whose
+        weights depend on the box pasted at each resolution); see :func:`base_loss`.
+        """
         if not logits_by_scale:
             raise ValueError("logits_by_scale is empty: at least one scale is required")
         scales = sorted(logits_by_scale)
-        per_scale = [base_loss(logits_by_scale[s], labels, task=self.task) for s in scales]
+        per_scale = [base_loss(logits_by_scale[s], labels[s] if isinstance(labels, Mapping) else labels,
+                               task=self.task) for s in scales]
         base = torch.stack(per_scale).mean()
         if not self._consistency_active(len(scales)):
             return StepLosses(base=dict(zip(scales, per_scale)), consistency=None, total=base)

@@ -19,8 +19,11 @@ class EpochRecord:
     lr: float
     skipped_steps: int = 0
     is_best: bool = False
+    # Validation of the weight EMA, beside the raw weights' ``val``; empty without an EMA.
+    val_ema: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
+        ema = {"val_ema": {str(s): m for s, m in self.val_ema.items()}} if self.val_ema else {}
         return {
             "epoch": self.epoch,
             "scales": list(self.scales),
@@ -32,7 +35,7 @@ class EpochRecord:
             "lr": self.lr,
             "skipped_steps": self.skipped_steps,
             "is_best": self.is_best,
-        }
+        } | ema
 
 
 @dataclass(frozen=True)

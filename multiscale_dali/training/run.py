@@ -29,6 +29,7 @@ from multiscale_dali.training.distributed import (
 from multiscale_dali.pipelines.factory import resolve_backend
 from multiscale_dali.pipelines.schedule import constant_schedule
 from multiscale_dali.training.losses import resolve_task
+from multiscale_dali.training.recipe import EMA
 from multiscale_dali.training.resume import (
     best_path,
     capture_rng_state,
@@ -229,7 +230,8 @@ class _TrainingRun:
         check_ranks_agree(self.context, "the batches per epoch (train, val)",
                           (len(self.loaders.train), None if self.loaders.val is None else len(self.loaders.val)))
         self.trainer = build_trainer(config, model, task=self.task, schedule=self.schedule, optimizer=self.optimizer,
-                                     steps_per_epoch=len(self.loaders.train), context=self.context)
+                                     steps_per_epoch=len(self.loaders.train), context=self.context,
+                                     num_classes=self.splits.num_classes)
 
     def _restore(self, path: Path, payload: dict[str, Any]) -> None:
         trainer, context = self.trainer, self.context
@@ -305,7 +307,8 @@ class _TrainingRun:
     def _epoch_done(self, record: EpochRecord) -> None:
         self.files.append_epoch(record, mode=self.config.mode, backend=self.backend)
         if record.is_best:
-            self.files.save_best(self.trainer.net, epoch=record.epoch, val=record.val)
+            self.files.save_best(self.trainer.selected_net, epoch=record.epoch,
+                                 val=record.val_ema if self.trainer.recipe.selected == EMA else record.val)
         self._save_training_state()
         if self.on_epoch_end is not None and self.context.is_main:
             self.on_epoch_end(record)
@@ -349,7 +352,8 @@ class _TrainingRun:
     def _test(self) -> dict[int, dict[str, float]]:
         """The best model, once, on the test split; results.json."""
         trainer, schedule = self.trainer, self.schedule
-        if not trainer.load_best():  # no validation split: the final weights are the model
+        if not trainer.load_best():  # no validation split: the final weights (or their EMA) are the model
+            trainer.net.load_state_dict(trainer.selected_net.state_dict())
             self.files.save_best(trainer.net, epoch=self.config.epochs - 1)
         test_scales = schedule.final_scales if self.config.mode == "multiscale" else schedule.all_scales
         metrics: dict[int, dict[str, float]] = {}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from multiscale_dali.constants import SPLIT_NAMES
 from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
+from multiscale_dali.pipelines.augment import AutoAugmentSpec
 from multiscale_dali.pipelines.factory import build_loader
 from multiscale_dali.pipelines.schedule import ScaleSchedule, constant_schedule
 from multiscale_dali.pipelines.spec import Loader, LoaderSpec
@@ -124,6 +125,9 @@ class RunLoaders:
             train=train, device=str(context.device), seed=config.seed, num_workers=config.workers,
             drop_last=train and len(split) > config.batch_size, channels_last=config.channels_last,
             shard_id=context.rank, num_shards=context.world_size,
+            # Automatic augmentation is training-only: evaluation sees the plain centre crop.
+            auto_augment=(AutoAugmentSpec(config.auto_augment, config.rand_n, config.rand_m) if train
+                          else AutoAugmentSpec()),
         )
 
     def test(self, schedule: ScaleSchedule) -> Loader:

@@ -22,6 +22,9 @@ from multiscale_dali.pipelines.schedule import (
 from multiscale_dali.training.config import TrainConfig
 from multiscale_dali.training.distributed import DistributedContext
 from multiscale_dali.training.losses import ScaleConsistencyLoss, num_outputs
+from multiscale_dali.training.mixing import MixConfig
+from multiscale_dali.training.recipe import RecipeOptions, StepRecipe
+from multiscale_dali.training.recipe_config import selects_ema
 from multiscale_dali.training.trainer import MultiScaleTrainer, ProgressiveMultiScaleTrainer, TrainerOptions
 
 
@@ -91,6 +94,15 @@ def build_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
+def build_step_recipe(config: TrainConfig, model: nn.Module, *, task: str, num_classes: int, rank: int) -> StepRecipe:
+    """Random erasing, MixUp/CutMix, label smoothing and the weight EMA of ``config`` (this rank's draws)."""
+    mix = MixConfig(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mix_prob,
+                    switch_prob=config.mix_switch_prob, label_smoothing=config.label_smoothing)
+    options = RecipeOptions(mix=mix, random_erase=config.random_erase, ema_decay=config.ema_decay,
+                            select_ema=selects_ema(config))
+    return StepRecipe(options, model=model, task=task, num_classes=num_classes, seed=config.seed, rank=rank)
+
+
 def build_trainer(
     config: TrainConfig,
     model: nn.Module,
@@ -100,8 +112,9 @@ def build_trainer(
     optimizer: torch.optim.Optimizer,
     steps_per_epoch: int,
     context: DistributedContext,
+    num_classes: int,
 ) -> MultiScaleTrainer:
-    """The trainer of ``config.mode``, with its loss, options and learning-rate schedule."""
+    """The trainer of ``config.mode``, with its loss, options, learning-rate schedule and recipe."""
     trainer_cls = ProgressiveMultiScaleTrainer if config.mode == "progressive" else MultiScaleTrainer
     return trainer_cls(
         model,
@@ -114,4 +127,5 @@ def build_trainer(
         lr_scheduler=build_lr_scheduler(config, optimizer, steps_per_epoch),
         device=context.device,
         distributed=context,
+        recipe=build_step_recipe(config, model, task=task, num_classes=num_classes, rank=context.rank),
     )

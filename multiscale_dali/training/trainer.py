@@ -24,9 +24,11 @@ from multiscale_dali.errors import EXIT_FAILURE, UserError
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.pipelines.schedule import ScaleSchedule
 from multiscale_dali.training.best import BestEpoch
+from multiscale_dali.training.checkpoint import load_scaler_state
 from multiscale_dali.training.distributed import DistributedContext
 from multiscale_dali.training.losses import LossValues, ScaleConsistencyLoss, ScaleShare, StepLosses, base_loss, predict
 from multiscale_dali.training.metrics import ScaleMeter
+from multiscale_dali.training.recipe import EMA, RAW, PreparedBatch, StepRecipe
 # The records are part of the trainer's interface: reporting and the CLI import them from here.
 from multiscale_dali.training.records import EpochRecord, FitResult, StepEvent
 
@@ -93,6 +95,7 @@ class MultiScaleTrainer:
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         device: torch.device | str = "cpu",
         distributed: DistributedContext | None = None,
+        recipe: StepRecipe | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.distributed = distributed or DistributedContext(device=self.device)
@@ -110,6 +113,7 @@ class MultiScaleTrainer:
         self.lr_scheduler = lr_scheduler
         self.schedule = schedule
         self.options = options
+        self.recipe = recipe or StepRecipe()  # erasing, MixUp/CutMix, label smoothing, weight EMA
         # GradScaler only for float16: bfloat16 has float32's exponent range and needs no scaling.
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=options.amp_dtype == torch.float16
@@ -158,10 +162,11 @@ class MultiScaleTrainer:
         # The train-mode forward updates BatchNorm running statistics before the loss is known to be
         # finite; a skipped step must not leave inf/NaN in them (they would poison every later eval).
         saved_buffers = [b.detach().clone() for b in self._buffers]
+        prepared = self.recipe.prepare(batch)
         if self.options.memory_efficient and len(batch.images) > 1:
-            losses, logits = self._backward_one_scale_at_a_time(batch)
+            losses, logits = self._backward_one_scale_at_a_time(prepared)
         else:
-            losses, logits = self._backward_all_scales(batch)
+            losses, logits = self._backward_all_scales(prepared)
         self._last_loss = losses.total.detach()
         # The step's one device->host transfer: every logged number and the finiteness check. It
         # comes after the backward, so the device runs forward and backward without waiting for the
@@ -175,7 +180,8 @@ class MultiScaleTrainer:
             return False
         self._nonfinite_in_a_row = 0
         self._optimizer_step()
-        self._record_step(batch, logits, values, meter)
+        self.recipe.after_step(self.net)
+        self._record_step(prepared, logits, values, meter)
         return True
 
     def _skip_step(self, saved_buffers: list[torch.Tensor], meter: ScaleMeter, *, here: bool) -> None:
@@ -204,44 +210,49 @@ class MultiScaleTrainer:
             self.lr_scheduler.step()
         self.global_step += 1
 
-    def _record_step(self, batch: MultiScaleBatch, logits: Mapping[int, torch.Tensor], values: LossValues,
+    def _record_step(self, prepared: PreparedBatch, logits: Mapping[int, torch.Tensor], values: LossValues,
                      meter: ScaleMeter) -> None:
         count = 0
         for scale, out in logits.items():
             # The loss already computed each scale's base loss; only accuracy is new work.
-            loss_mean, hits, count = self._metric_terms(out, batch, values.base[scale])
+            loss_mean, hits, count = self._metric_terms(out, prepared.batch, values.base[scale],
+                                                        labels=prepared.labels_at(scale),
+                                                        targets=prepared.target_at(scale))
             meter.update(scale, loss_mean, hits, count)
         meter.add_samples(count)
         # Components are batch means over every sample, padding included (as the gradient is).
         meter.add_components(values.as_components(), count)
 
     def _metric_terms(
-        self, logits: torch.Tensor, batch: MultiScaleBatch, loss_mean: torch.Tensor | float | None = None
+        self, logits: torch.Tensor, batch: MultiScaleBatch, loss_mean: torch.Tensor | float | None = None, *,
+        labels: torch.Tensor | None = None, targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | float, torch.Tensor, int]:
         """``(mean base loss, per-sample hits, sample count)`` over the batch's real samples.
 
         Padded duplicates (``batch.valid`` False) are left out, so once the ranks' sums are added up
         every sample counts exactly once. ``loss_mean``: the whole batch's, reused when nothing is left out.
+        ``labels`` (hits) and ``targets`` (loss) default to ``batch.labels`` (see recipe.PreparedBatch).
         """
-        logits, labels = logits.detach(), batch.labels
+        logits, labels = logits.detach(), batch.labels if labels is None else labels
+        targets = labels if targets is None else targets
         if batch.valid is not None:
-            logits, labels, loss_mean = logits[batch.valid], labels[batch.valid], None
+            logits, labels, targets, loss_mean = logits[batch.valid], labels[batch.valid], targets[batch.valid], None
         count = int(labels.shape[0])
         if count == 0:
             # A batch of padding only: still recorded, so every rank's meter knows every scale.
             return 0.0, labels.new_zeros(0, dtype=torch.bool), 0
         if loss_mean is None:
-            loss_mean = base_loss(logits, labels, task=self.task)
+            loss_mean = base_loss(logits, targets, task=self.task)
         return loss_mean, predict(logits, task=self.task) == labels, count
 
-    def _backward_all_scales(self, batch: MultiScaleBatch) -> tuple[StepLosses, dict[int, torch.Tensor]]:
+    def _backward_all_scales(self, prepared: PreparedBatch) -> tuple[StepLosses, dict[int, torch.Tensor]]:
         with self._autocast():
-            logits = self.model(batch.images)
-            losses = self.loss.step_losses(logits, batch.labels)
+            logits = self.model(prepared.batch.images)
+            losses = self.loss.step_losses(logits, prepared.targets)
         self.scaler.scale(losses.total).backward()
         return losses, logits
 
-    def _backward_one_scale_at_a_time(self, batch: MultiScaleBatch) -> tuple[StepLosses, dict[int, torch.Tensor]]:
+    def _backward_one_scale_at_a_time(self, prepared: PreparedBatch) -> tuple[StepLosses, dict[int, torch.Tensor]]:
         """Largest scale first, then each smaller scale against the detached largest-scale target.
 
         Only one scale's activations are alive at a time; the gradients equal the naive step's when
@@ -250,6 +261,7 @@ class MultiScaleTrainer:
         locally and the last backward all-reduces the sum once (DDP's gradient-accumulation pattern),
         so each forward is followed by its own backward and DDP never sees two forwards in a row.
         """
+        batch = prepared.batch
         scales = sorted(batch.images, reverse=True)
         logits: dict[int, torch.Tensor] = {}
         shares: dict[int, ScaleShare] = {}
@@ -260,7 +272,7 @@ class MultiScaleTrainer:
                 with self._autocast():
                     out = self.model({scale: batch.images[scale]})[scale]
                     share = self.loss.scale_share(
-                        out, batch.labels, teacher, num_scales=len(scales), is_teacher=teacher is None
+                        out, prepared.target_at(scale), teacher, num_scales=len(scales), is_teacher=teacher is None
                     )
                 self.scaler.scale(share.total).backward()
             total = total + share.total.detach().float()
@@ -317,7 +329,6 @@ class MultiScaleTrainer:
             skipped_steps=meter.skipped,
         )
 
-    @torch.no_grad()
     def evaluate(
         self, batches: Iterable[MultiScaleBatch], scales: Iterable[int] | None = None
     ) -> dict[int, dict[str, float]]:
@@ -327,28 +338,37 @@ class MultiScaleTrainer:
         duplicates are left out, and the sums are added over the ranks (a collective: every rank
         calls it), so the result equals a single process evaluating the whole split.
         """
-        self.net.eval()
-        self.distributed.broadcast_buffers(self.net)
+        return self._evaluate_models(batches, scales, {RAW: self.net})[RAW]
+
+    @torch.no_grad()
+    def _evaluate_models(self, batches: Iterable[MultiScaleBatch], scales: Iterable[int] | None,
+                         nets: Mapping[str, nn.Module]) -> dict[str, dict[int, dict[str, float]]]:
+        """:meth:`evaluate` of several models (the raw weights, their EMA) in one pass over the batches."""
+        for net in nets.values():
+            net.eval()
+            self.distributed.broadcast_buffers(net)
         wanted = None if scales is None else set(scales)
-        meter = ScaleMeter()
+        meters = {name: ScaleMeter() for name in nets}
         for batch in batches:
             images = {s: x for s, x in batch.images.items() if wanted is None or s in wanted}
             if not images:
                 raise ValueError(f"evaluation asked for scales {sorted(wanted)}, batch has {batch.scales}")
-            count = 0
-            with self._autocast():
-                for scale, x in images.items():
-                    loss_mean, hits, count = self._metric_terms(self.net(x).float(), batch)
-                    meter.update(scale, loss_mean, hits, count)
-            meter.add_samples(count)
-        return meter.reduced(self.distributed).compute()
+            for name, net in nets.items():
+                count = 0
+                with self._autocast():
+                    for scale, x in images.items():
+                        loss_mean, hits, count = self._metric_terms(net(x).float(), batch)
+                        meters[name].update(scale, loss_mean, hits, count)
+                meters[name].add_samples(count)
+        return {name: meter.reduced(self.distributed).compute() for name, meter in meters.items()}
 
     def _validated(self, record: EpochRecord, batches: Iterable[MultiScaleBatch]) -> EpochRecord:
-        """``record`` with its validation metrics, and whether its epoch is the best so far."""
-        val = self.evaluate(batches, self.validation_scales(record.epoch))
-        metrics = val.get(self.selection_scale(record.epoch))
-        is_best = metrics is not None and self._best.offer(record.epoch, metrics, self.net)
-        return dataclasses.replace(record, val=val, is_best=is_best)
+        """``record`` with its validation metrics (and the EMA's), and whether its epoch is the best so far."""
+        nets = self.recipe.models(self.net)
+        val = self._evaluate_models(batches, self.validation_scales(record.epoch), nets)
+        metrics = val[self.recipe.selected].get(self.selection_scale(record.epoch))
+        is_best = metrics is not None and self._best.offer(record.epoch, metrics, nets[self.recipe.selected])
+        return dataclasses.replace(record, val=val[RAW], val_ema=val.get(EMA, {}), is_best=is_best)
 
     def fit(
         self,
@@ -405,6 +425,7 @@ class MultiScaleTrainer:
         }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        state.update(self.recipe.state_dict(self.distributed))  # the EMA and erase/mix generators, when on
         # A disabled GradScaler saves {}, and loading {} into an enabled one raises: store it only
         # when it is in use, and let load_state_dict handle AMP being switched on or off.
         if self.scaler.is_enabled():
@@ -417,7 +438,8 @@ class MultiScaleTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self._load_scaler_state(state.get("scaler"))
+        load_scaler_state(self.scaler, state.get("scaler"))
+        self.recipe.load_state_dict(state, rank=self.distributed.rank)
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
@@ -431,15 +453,6 @@ class MultiScaleTrainer:
             self._meter = ScaleMeter(skipped=self._meter.skipped)
         self._meter_epoch = self.epoch if meter is not None else -1
         self._epoch_seconds = float(state.get("epoch_seconds", 0.0))
-
-    def _load_scaler_state(self, scaler: Mapping[str, Any] | None) -> None:
-        if self.scaler.is_enabled():
-            if scaler is not None:
-                self.scaler.load_state_dict(scaler)
-            else:
-                log.warning("checkpoint was saved without fp16 loss scaling; starting a fresh GradScaler")
-        elif scaler is not None:
-            log.info("checkpoint has a GradScaler state; not needed without fp16, ignored")
 
     def renumber_steps(
         self, global_step: int, *, lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None
@@ -479,6 +492,11 @@ class MultiScaleTrainer:
             return False
         self.net.load_state_dict(self._best.weights)
         return True
+
+    @property
+    def selected_net(self) -> nn.Module:
+        """The weights model selection keeps: the EMA's with ``select_on`` ema, else the trained ones."""
+        return self.recipe.models(self.net)[self.recipe.selected]
 
 
 class ProgressiveMultiScaleTrainer(MultiScaleTrainer):
