@@ -37,6 +37,13 @@ def _net() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
 
 
+def _determined(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state without the bias of the convolution in front of BatchNorm and BN's running mean, which
+    follows it. BN cancels that bias, so its gradient is rounding noise, which AdamW normalises into
+    full-size steps that differ between CPUs; the function the network computes does not depend on it."""
+    return {key: value for key, value in state.items() if key not in ("0.bias", "1.running_mean")}
+
+
 def _cosine(step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / (EPOCHS * STEPS)))
 
@@ -102,9 +109,9 @@ def test_a_state_saved_by_the_earlier_trainer_resumes_where_it_stopped(saved):
     result = trainer.fit(lambda e: data[trainer.step_in_epoch:], lambda e: data[:2])
     assert [r.epoch for r in result.history] == [1, 2] and trainer.global_step == EPOCHS * STEPS
     # What the earlier code computed from the same state (float tolerance: it may have run on another CPU).
-    torch.testing.assert_close(trainer.net.state_dict(), old["final_model"])
+    torch.testing.assert_close(_determined(trainer.net.state_dict()), _determined(old["final_model"]))
     assert trainer.load_best()
-    torch.testing.assert_close(trainer.net.state_dict(), old["final_best_model"])
+    torch.testing.assert_close(_determined(trainer.net.state_dict()), _determined(old["final_best_model"]))
 
 
 def test_an_fp16_state_saved_by_the_earlier_trainer_restores_its_loss_scale(saved):
