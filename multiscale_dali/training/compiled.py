@@ -44,20 +44,26 @@ def no_shape_budget() -> ContextManager[object]:
     return contextlib.nullcontext()
 
 
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why ``torch.compile`` cannot run here (None: it can): no dynamo on this Python, or no C++
-    compiler for inductor's CPU kernels."""
+def dynamo_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot capture graphs here (None: it can)."""
     try:
         from torch._dynamo.eval_frame import is_dynamo_supported
     except ImportError:
         return "this PyTorch build has no torch.compile"
     if not is_dynamo_supported():
         return "torch.compile does not support this Python version"
-    if device.type == "cpu":
+    return None
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``--compile`` cannot run on ``device`` (None: it can): no dynamo, or no C++ compiler for
+    inductor's CPU kernels."""
+    reason = dynamo_unavailable()
+    if reason is None and device.type == "cpu":
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
 
             get_cpp_compiler()
         except Exception:  # the search raises its own error classes, which vary between versions
             return "compiling for the CPU needs a C++ compiler (g++ or clang++; set CXX), and none was found"
-    return None
+    return reason
