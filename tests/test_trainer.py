@@ -31,7 +31,8 @@ def _bright_vs_dark_batches(scales, *, steps=6, batch_size=8, seed=0):
     return batches
 
 
-def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_efficient=False, lr=1e-2):
+def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_efficient=False, lr=1e-2,
+             accum_steps=1):
     torch.manual_seed(0)
     model = build_model("tiny_cnn", num_outputs=1)
     return cls(
@@ -39,7 +40,7 @@ def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_ef
         loss=ScaleConsistencyLoss(task="binary", consistency_weight=weight),
         optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
         schedule=schedule,
-        options=TrainerOptions(epochs=epochs, memory_efficient=memory_efficient),
+        options=TrainerOptions(epochs=epochs, memory_efficient=memory_efficient, accum_steps=accum_steps),
     )
 
 
@@ -141,22 +142,26 @@ def _roundtrip(state, tmp_path):
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize("stop_after_steps", [12, 8], ids=["epoch-boundary", "mid-epoch"])
-def test_resumed_trainer_ends_with_bit_identical_weights(tmp_path, stop_after_steps):
+@pytest.mark.parametrize("stop_after_steps, accum_steps", [(12, 1), (8, 1), (4, 2), (3, 4)],
+                         ids=["epoch-boundary", "mid-epoch", "mid-epoch-accumulating-2", "mid-epoch-accumulating-4"])
+def test_resumed_trainer_ends_with_bit_identical_weights(tmp_path, stop_after_steps, accum_steps):
+    """``stop_after_steps`` optimiser steps; with 4 micro-batches a step, an epoch of 6 batches ends
+    with a shortened step of 2."""
     scales = (16, 24)
     data = _bright_vs_dark_batches(scales, steps=6)
-    reference = _trainer(schedule=constant_schedule(scales), epochs=3)
+    reference = _trainer(schedule=constant_schedule(scales), epochs=3, accum_steps=accum_steps)
     expected = reference.fit(lambda e: data, lambda e: data[:2])
 
-    first = _trainer(schedule=constant_schedule(scales), epochs=3)
+    first = _trainer(schedule=constant_schedule(scales), epochs=3, accum_steps=accum_steps)
     steps = []
     first.fit(lambda e: data, lambda e: data[:2], on_step=steps.append,
               should_stop=lambda: len(steps) >= stop_after_steps)
     state = _roundtrip(first.state_dict(), tmp_path)
     assert state["global_step"] == stop_after_steps
 
-    resumed = _trainer(schedule=constant_schedule(scales), epochs=3)
+    resumed = _trainer(schedule=constant_schedule(scales), epochs=3, accum_steps=accum_steps)
     resumed.load_state_dict(state)
+    assert 0 < resumed.step_in_epoch < len(data) or stop_after_steps == 12
     # The loaders replay the rest of the interrupted epoch; here that is a slice of the data.
     result = resumed.fit(lambda e: data[resumed.step_in_epoch:], lambda e: data[:2])
     for a, b in zip(reference.net.state_dict().values(), resumed.net.state_dict().values()):
