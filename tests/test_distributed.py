@@ -161,17 +161,35 @@ def _step_batches() -> list[MultiScaleBatch]:
     return batches
 
 
-def _gradients(memory_efficient: bool, batch: MultiScaleBatch, context=None) -> list[torch.Tensor]:
+def _step_trainer(context=None, **options) -> MultiScaleTrainer:
     torch.manual_seed(0)
     net = build_model("tiny_cnn", num_outputs=1)
-    trainer = MultiScaleTrainer(
+    return MultiScaleTrainer(
         net, loss=ScaleConsistencyLoss(task="binary", consistency_weight=0.5),
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1), schedule=constant_schedule([16, 24]),
-        options=TrainerOptions(epochs=1, memory_efficient=memory_efficient), distributed=context)
+        options=TrainerOptions(epochs=1, **options), distributed=context)
+
+
+def _gradients(memory_efficient: bool, batch: MultiScaleBatch, context=None) -> list[torch.Tensor]:
+    trainer = _step_trainer(context, memory_efficient=memory_efficient)
     trainer.model.train()
     trainer.optimizer.step = lambda *args, **kwargs: None  # keep the gradients of the step
     trainer._step(batch, ScaleMeter())
-    return [p.grad.clone() for p in net.parameters()]
+    return [p.grad.clone() for p in trainer.net.parameters()]
+
+
+def _all_reduces_per_step(context, batch: MultiScaleBatch, *, accum_steps: int, memory_efficient: bool) -> int:
+    """Gradient buckets DDP all-reduced in one optimiser step of ``accum_steps`` micro-batches of ``batch``."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    trainer = _step_trainer(context, accum_steps=accum_steps, memory_efficient=memory_efficient)
+    calls = []
+    trainer.model.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(state, bucket))
+    halves = [MultiScaleBatch(images={s: x[i::accum_steps] for s, x in batch.images.items()},
+                              labels=batch.labels[i::accum_steps]) for i in range(accum_steps)]
+    trainer.train_epoch(halves, 0)
+    assert trainer.global_step == 1
+    return len(calls)
 
 
 def _ddp_gradients_worker(rank: int, port: int, out: str) -> None:
@@ -179,13 +197,16 @@ def _ddp_gradients_worker(rank: int, port: int, out: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     with distributed_session("cpu") as context:
         batch = _step_batches()[rank]
-        torch.save({mode: _gradients(mode, batch, context) for mode in (False, True)}, Path(out) / f"rank{rank}.pt")
+        result = {mode: _gradients(mode, batch, context) for mode in (False, True)}
+        result["all_reduces"] = {f"{k}-{m}": torch.tensor(_all_reduces_per_step(
+            context, batch, accum_steps=k, memory_efficient=m)) for k in (1, 2) for m in (False, True)}
+        torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
 @needs_gloo
 def test_ddp_gradients_are_the_mean_of_the_ranks_also_one_scale_at_a_time(tmp_path):
     """Two gloo ranks in this machine: plain and memory-efficient (no_sync) steps give every rank the
-    average of the two ranks' single-process gradients."""
+    average of the two ranks' single-process gradients; an accumulated step all-reduces once."""
     import torch.multiprocessing as mp
 
     with socket.socket() as probe:
@@ -201,7 +222,12 @@ def test_ddp_gradients_are_the_mean_of_the_ranks_also_one_scale_at_a_time(tmp_pa
             pytest.fail("DDP gradient workers did not finish")
     reference = [torch.stack(grads).mean(0) for grads in zip(*(_gradients(False, b) for b in _step_batches()))]
     for rank in range(WORLD):
-        for mode, grads in torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).items():
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        all_reduces = {key: int(count) for key, count in result.pop("all_reduces").items()}
+        # Two micro-batches all-reduce as often as one batch: the first runs in no_sync.
+        assert all_reduces["2-False"] == all_reduces["1-False"] > 0, all_reduces
+        assert all_reduces["2-True"] == all_reduces["1-True"] > 0, all_reduces
+        for mode, grads in result.items():
             for got, want in zip(grads, reference):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"rank {rank} memory_efficient={mode}")
 

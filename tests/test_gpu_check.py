@@ -88,6 +88,8 @@ def test_the_gpu_check_passes_on_a_cuda_machine(tmp_path):
     report = json.loads(out.read_text())
     assert report["parts"]["train_step"]["status"] == OK
     assert report["parts"]["step_memory"]["memory_efficient_vs_naive"] < 1.0
+    memory = report["parts"]["step_memory"]
+    assert memory["micro_batched_vs_naive"] < memory["memory_efficient_vs_naive"]
 
 
 def test_the_train_step_and_memory_parts_run_their_code_on_the_cpu(tmp_path, monkeypatch):
@@ -99,4 +101,4 @@ def test_the_train_step_and_memory_parts_run_their_code_on_the_cpu(tmp_path, mon
     assert figures["amp_dtype"] == "None" and figures["steps"] == 2
     assert set(figures["loss"]) == {"32", "48"}
     memory = gpu_check._memory_part(config, "cpu")(600.0)
-    assert set(memory["step_mib"]) == {"naive", "memory_efficient"}
+    assert set(memory["step_mib"]) == {"naive", "memory_efficient", "micro_batched"}

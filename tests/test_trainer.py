@@ -39,7 +39,7 @@ RECIPE = RecipeOptions(mix=MixConfig(mixup_alpha=0.4, cutmix_alpha=1.0, label_sm
 
 
 def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_efficient=False, lr=1e-2,
-             recipe: RecipeOptions | None = None):
+             accum_steps=1, recipe: RecipeOptions | None = None):
     torch.manual_seed(0)
     model = build_model("tiny_cnn", num_outputs=1)
     return cls(
@@ -47,7 +47,7 @@ def _trainer(cls=MultiScaleTrainer, *, schedule, epochs=3, weight=0.5, memory_ef
         loss=ScaleConsistencyLoss(task="binary", consistency_weight=weight),
         optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
         schedule=schedule,
-        options=TrainerOptions(epochs=epochs, memory_efficient=memory_efficient),
+        options=TrainerOptions(epochs=epochs, memory_efficient=memory_efficient, accum_steps=accum_steps),
         recipe=None if recipe is None else StepRecipe(recipe, model=model, task="binary", num_classes=2, seed=3),
     )
 
@@ -150,23 +150,29 @@ def _roundtrip(state, tmp_path):
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize("recipe", [None, RECIPE], ids=["plain", "recipe"])
-@pytest.mark.parametrize("stop_after_steps", [12, 8], ids=["epoch-boundary", "mid-epoch"])
-def test_resumed_trainer_ends_with_bit_identical_weights(tmp_path, stop_after_steps, recipe):
+@pytest.mark.parametrize(
+    "stop_after_steps, accum_steps, recipe",
+    [(12, 1, None), (8, 1, None), (4, 2, None), (3, 4, None), (12, 1, RECIPE), (8, 1, RECIPE), (4, 2, RECIPE)],
+    ids=["epoch-boundary", "mid-epoch", "mid-epoch-accumulating-2", "mid-epoch-accumulating-4",
+         "recipe-epoch-boundary", "recipe-mid-epoch", "recipe-mid-epoch-accumulating-2"])
+def test_resumed_trainer_ends_with_bit_identical_weights(tmp_path, stop_after_steps, accum_steps, recipe):
+    """``stop_after_steps`` optimiser steps; with 4 micro-batches a step, an epoch of 6 batches ends
+    with a shortened step of 2. The recipe (MixUp/CutMix, erasing, smoothing, EMA) resumes exactly too."""
     scales = (16, 24)
     data = _bright_vs_dark_batches(scales, steps=6)
-    reference = _trainer(schedule=constant_schedule(scales), epochs=3, recipe=recipe)
+    reference = _trainer(schedule=constant_schedule(scales), epochs=3, accum_steps=accum_steps, recipe=recipe)
     expected = reference.fit(lambda e: data, lambda e: data[:2])
 
-    first = _trainer(schedule=constant_schedule(scales), epochs=3, recipe=recipe)
+    first = _trainer(schedule=constant_schedule(scales), epochs=3, accum_steps=accum_steps, recipe=recipe)
     steps = []
     first.fit(lambda e: data, lambda e: data[:2], on_step=steps.append,
               should_stop=lambda: len(steps) >= stop_after_steps)
     state = _roundtrip(first.state_dict(), tmp_path)
     assert state["global_step"] == stop_after_steps
 
-    resumed = _trainer(schedule=constant_schedule(scales), epochs=3, recipe=recipe)
+    resumed = _trainer(schedule=constant_schedule(scales), epochs=3, accum_steps=accum_steps, recipe=recipe)
     resumed.load_state_dict(state)
+    assert 0 < resumed.step_in_epoch < len(data) or stop_after_steps == 12
     # The loaders replay the rest of the interrupted epoch; here that is a slice of the data.
     result = resumed.fit(lambda e: data[resumed.step_in_epoch:], lambda e: data[:2])
     for a, b in zip(reference.net.state_dict().values(), resumed.net.state_dict().values()):

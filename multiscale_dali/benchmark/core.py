@@ -30,7 +30,8 @@ Method (the same for every backend):
 Training throughput runs the :class:`MultiScaleTrainer` step on each loader's batches and on one
 batch of random tensors already on the device (the compute ceiling); the gap is the share of time
 lost to data loading. Peak memory of one step (all scales' activations alive until one backward vs.
-``TrainerOptions(memory_efficient=True)``) is measured in a fresh subprocess per mode, see
+``TrainerOptions(memory_efficient=True)``, with and without the largest scale micro-batched) is
+measured in a fresh subprocess per mode, see
 :func:`~multiscale_dali.benchmark.memory.measure_step_memory`.
 
 The result is a plain JSON-able dict; :func:`format_report` renders it as Markdown tables.

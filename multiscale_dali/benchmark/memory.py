@@ -1,4 +1,5 @@
-"""Peak memory of one training step, naive vs. memory-efficient, each measured in a fresh subprocess."""
+"""Peak memory of one training step, naive vs. memory-efficient (whole scales, and the largest scale
+micro-batched), each measured in a fresh subprocess."""
 
 from __future__ import annotations
 
@@ -27,9 +28,12 @@ log = logging.getLogger(__name__)
 # enough that its own peak stays far below the measured step's.
 MEMORY_WARMUP_SAMPLES = 2
 MEMORY_PROBE_TIMEOUT_S = 900
-# The step modes compared: every scale's activations alive until one backward, and
-# TrainerOptions(memory_efficient=True).
-MEMORY_MODES: tuple[str, ...] = ("naive", "memory_efficient")
+# The step modes compared: every scale's activations alive until one backward;
+# TrainerOptions(memory_efficient=True), one scale's graph at a time, the largest scale micro-batched
+# when that is exact (a model without BatchNorm); and the same with the largest scale micro-batched
+# whatever the model (--micro-batch-batchnorm: BatchNorm then sees each chunk's statistics).
+NAIVE, MEMORY_EFFICIENT, MICRO_BATCHED = "naive", "memory_efficient", "micro_batched"
+MEMORY_MODES: tuple[str, ...] = (NAIVE, MEMORY_EFFICIENT, MICRO_BATCHED)
 _PROBE_CODE = (
     "import sys; from multiscale_dali.benchmark.memory import memory_probe_main; "
     "sys.exit(memory_probe_main(sys.argv[1:]))"
@@ -75,7 +79,8 @@ def _probe(request: dict[str, Any]) -> dict[str, Any]:
     device = request["device"]
     trainer = make_trainer(model=request["model"], num_classes=request["num_classes"],
                            scales=request["scales"], device=device,
-                           memory_efficient=request["mode"] == "memory_efficient", seed=request["seed"])
+                           memory_efficient=request["mode"] != NAIVE,
+                           micro_batch_batchnorm=request["mode"] == MICRO_BATCHED, seed=request["seed"])
     batch = synthetic_batch(batch_size=request["batch_size"], scales=request["scales"],
                             num_classes=request["num_classes"], device=device, seed=request["seed"])
     small = MultiScaleBatch(images={s: t[:MEMORY_WARMUP_SAMPLES] for s, t in batch.images.items()},
@@ -141,7 +146,8 @@ def _run_probe(request: dict[str, Any]) -> dict[str, Any]:
 
 def measure_step_memory(*, model: str, num_classes: int, scales: Sequence[int], batch_size: int,
                         device: str, seed: int = 0) -> dict[str, Any]:
-    """Working memory of one multi-scale step, naive vs. memory-efficient, each in a fresh process.
+    """Working memory of one multi-scale step in each of :data:`MEMORY_MODES`, each in a fresh process;
+    ``<mode>_vs_naive`` (and ``allocator_<mode>_vs_naive`` on the CPU) for the memory-efficient modes.
 
     CUDA: ``max_memory_allocated`` minus the allocation before the step (after a reset of the peak).
     CPU: the rise of the process's peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) over
@@ -154,10 +160,11 @@ def measure_step_memory(*, model: str, num_classes: int, scales: Sequence[int], 
         log.info("memory: one %s step of %s in a fresh process", mode, model)
         results[mode] = _run_probe({"model": model, "num_classes": num_classes, "scales": list(scales),
                                     "batch_size": batch_size, "device": device, "mode": mode, "seed": seed})
-    naive, efficient = results["naive"], results["memory_efficient"]
-    results["memory_efficient_vs_naive"] = safe_ratio(efficient["step_bytes"], naive["step_bytes"])
-    if "allocator_step_bytes" in naive:
-        results["allocator_memory_efficient_vs_naive"] = safe_ratio(
-            efficient["allocator_step_bytes"], naive["allocator_step_bytes"])
+    naive = results[NAIVE]
+    for mode in MEMORY_MODES[1:]:
+        results[f"{mode}_vs_naive"] = safe_ratio(results[mode]["step_bytes"], naive["step_bytes"])
+        if "allocator_step_bytes" in naive:
+            results[f"allocator_{mode}_vs_naive"] = safe_ratio(
+                results[mode]["allocator_step_bytes"], naive["allocator_step_bytes"])
     results["method"] = naive["method"]
     return results

@@ -97,10 +97,13 @@ def _memory_lines(results: dict) -> list[str]:
                      _fmt(entry["peak_bytes"] / BYTES_PER_MIB, ".0f"),
                      "-" if allocator is None else _fmt(allocator / BYTES_PER_MIB, ".1f")])
     lines = ["", f"### Peak memory of one training step ({memory['method']})", "",
-             *_table(["mode", "step working set MiB", "process/device peak MiB", "tensor allocator MiB"], rows), "",
-             f"memory-efficient / naive: {_fmt(memory['memory_efficient_vs_naive'], '.2f')}"]
-    if "allocator_memory_efficient_vs_naive" in memory:
-        lines[-1] += f" (tensor allocator: {_fmt(memory['allocator_memory_efficient_vs_naive'], '.2f')})"
+             *_table(["mode", "step working set MiB", "process/device peak MiB", "tensor allocator MiB"], rows), ""]
+    for mode in MEMORY_MODES[1:]:
+        line = f"{mode.replace('_', '-')} / naive: {_fmt(memory.get(f'{mode}_vs_naive'), '.2f')}"
+        if f"allocator_{mode}_vs_naive" in memory:
+            line += f" (tensor allocator: {_fmt(memory[f'allocator_{mode}_vs_naive'], '.2f')})"
+        lines.append(line + "  ")
+    lines[-1] = lines[-1].rstrip()
     return lines
 
 

@@ -32,8 +32,13 @@ def _task_and_outputs(num_classes: int) -> tuple[str, int]:
 
 
 def make_trainer(*, model: str, num_classes: int, scales: Sequence[int], device: str,
-                 memory_efficient: bool = False, seed: int = 0) -> MultiScaleTrainer:
-    """A :class:`MultiScaleTrainer` as ``msdali train`` builds it: channels_last, AMP auto, SGD."""
+                 memory_efficient: bool = False, micro_batch_batchnorm: bool = False,
+                 seed: int = 0) -> MultiScaleTrainer:
+    """A :class:`MultiScaleTrainer` as ``msdali train`` builds it: channels_last, AMP auto, SGD.
+
+    ``micro_batch_batchnorm``: with ``memory_efficient``, the largest scale in chunks even for a model
+    with BatchNorm (``--micro-batch-batchnorm``).
+    """
     from multiscale_dali.training.run import resolve_amp
     from multiscale_dali.training.losses import ScaleConsistencyLoss
     from multiscale_dali.models.registry import build_model
@@ -52,7 +57,7 @@ def make_trainer(*, model: str, num_classes: int, scales: Sequence[int], device:
         optimizer=torch.optim.SGD(net.parameters(), lr=BENCH_LR, momentum=BENCH_MOMENTUM),
         schedule=constant_schedule(scales),
         options=TrainerOptions(epochs=1, amp_dtype=resolve_amp("auto", torch_device),
-                               memory_efficient=memory_efficient),
+                               memory_efficient=memory_efficient, micro_batch_batchnorm=micro_batch_batchnorm),
         device=torch_device,
     )
 

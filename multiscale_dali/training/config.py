@@ -43,7 +43,7 @@ BAD_FILE_POLICIES = ("error", "skip")
 # What may differ between a checkpoint's configuration and the resuming run's.
 # AMP may change too (a GPU run resumed on a CPU box): the GradScaler state is handled both ways.
 RESUME_MUTABLE_KEYS = frozenset({"epochs", "out", "workers", "checkpoint_every", "device", "on_bad_file", "amp",
-                                 "scan"})
+                                 "scan", "compile"})
 
 
 def check_scales(scales: str | Sequence[int]) -> tuple[int, ...]:
@@ -88,6 +88,12 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     memory_efficient: bool = False
+    # With memory_efficient: micro-batch the largest scale of a model with BatchNorm too (BN then
+    # normalises each chunk with its own statistics); models without BatchNorm are micro-batched exactly.
+    micro_batch_batchnorm: bool = False
+    accum_steps: int = 1  # loader batches (micro-batches) per optimiser step
+    compile: bool = False  # torch.compile the network (one static graph per scale)
+    sync_bn: bool = False  # SyncBatchNorm across the ranks of a torchrun launch (CUDA only)
     grad_clip: float = 0.0
     device: str = "auto"
     workers: int = 2
@@ -148,6 +154,11 @@ class TrainConfig:
             # One scale's graph at a time needs the target before the students: only the largest
             # scale (computed first) can be it; the ensemble mean needs every scale at once.
             raise ConfigError("memory_efficient", "needs --teacher largest (the ensemble mean needs all scales at once)")
+        if self.accum_steps < 1:
+            raise ConfigError("accum_steps", f"must be >= 1 (1 = no accumulation), got {self.accum_steps}")
+        if self.micro_batch_batchnorm and not self.memory_efficient:
+            raise ConfigError("micro_batch_batchnorm", "applies to --memory-efficient only (the naive step "
+                              "runs each scale's whole batch at once)")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         try:

@@ -40,6 +40,19 @@ class ScaleMeter:
     def add_samples(self, batch_size: int) -> None:
         self.count += batch_size
 
+    def add_meter(self, other: "ScaleMeter") -> None:
+        """Add ``other``'s sums and counts (a step's metrics, kept apart until the step was taken)."""
+        for scale, loss in other.loss_sum.items():
+            if scale in self.loss_sum:
+                self.loss_sum[scale] = self.loss_sum[scale] + loss
+                self.correct[scale] = self.correct[scale] + other.correct[scale]
+            else:
+                self.loss_sum[scale], self.correct[scale] = loss, other.correct[scale]
+        for key, value in other.components.items():
+            self.components[key] = self.components.get(key, 0.0) + value
+        self.count += other.count
+        self.skipped += other.skipped
+
     def add_skipped_step(self) -> None:
         self.skipped += 1
 

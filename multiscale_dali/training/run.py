@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from multiscale_dali.training.accumulate import optimizer_steps_per_epoch
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
 from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
 from multiscale_dali.data.discovery import DatasetSplits
@@ -51,6 +52,7 @@ from multiscale_dali.training.run_setup import (
 )
 from multiscale_dali.training.signals import StopRequest
 from multiscale_dali.training.trainer import EpochRecord, FitResult, StepEvent
+from multiscale_dali.training.wrapping import check_wrapping
 
 # dataset_root, scan_cache_path, vet_splits and resolve_amp live in run_data and run_setup; the CLI,
 # evaluation and the benchmark import them from here.
@@ -170,6 +172,7 @@ class _TrainingRun:
         self.out_dir = Path(config.out)
         self.on_epoch_end = on_epoch_end
         self.on_step = on_step
+        check_wrapping(config, context)
         self.found = self._find_checkpoint(resume)
         self._saved_at: tuple[int, int, int] | None = None
         self.loaders: RunLoaders | None = None
@@ -250,7 +253,7 @@ class _TrainingRun:
             restore_rng_state(rng_states[0])
             # The schedule counts steps, and an epoch now has another number of them: continue at
             # the step this epoch boundary has under the new sharding.
-            steps_per_epoch = len(self.loaders.train)
+            steps_per_epoch = optimizer_steps_per_epoch(len(self.loaders.train), self.config.accum_steps)
             start = trainer.epoch * steps_per_epoch
             trainer.renumber_steps(start, lr_scheduler=build_lr_scheduler(self.config, self.optimizer,
                                                                           steps_per_epoch, start_step=start))

@@ -19,6 +19,8 @@ from multiscale_dali.pipelines.schedule import (
     parse_steps,
     stepwise_schedule,
 )
+from multiscale_dali.training.accumulate import optimizer_steps_per_epoch
+from multiscale_dali.training.compiled import INDUCTOR
 from multiscale_dali.training.config import TrainConfig
 from multiscale_dali.training.distributed import DistributedContext
 from multiscale_dali.training.losses import ScaleConsistencyLoss, num_outputs
@@ -114,7 +116,10 @@ def build_trainer(
     context: DistributedContext,
     num_classes: int,
 ) -> MultiScaleTrainer:
-    """The trainer of ``config.mode``, with its loss, options, learning-rate schedule and recipe."""
+    """The trainer of ``config.mode``, with its loss, options, learning-rate schedule and recipe.
+
+    ``steps_per_epoch``: the loader's batches per epoch (micro-batches under ``accum_steps``).
+    """
     trainer_cls = ProgressiveMultiScaleTrainer if config.mode == "progressive" else MultiScaleTrainer
     return trainer_cls(
         model,
@@ -123,8 +128,12 @@ def build_trainer(
         optimizer=optimizer,
         schedule=schedule,
         options=TrainerOptions(epochs=config.epochs, amp_dtype=resolve_amp(config.amp, context.device),
-                               grad_clip_norm=config.grad_clip or None, memory_efficient=config.memory_efficient),
-        lr_scheduler=build_lr_scheduler(config, optimizer, steps_per_epoch),
+                               grad_clip_norm=config.grad_clip or None, memory_efficient=config.memory_efficient,
+                               micro_batch_batchnorm=config.micro_batch_batchnorm, accum_steps=config.accum_steps,
+                               compile_backend=INDUCTOR if config.compile else None, sync_batchnorm=config.sync_bn),
+        # The schedule counts optimiser steps: with accumulation, fewer than the loader's batches.
+        lr_scheduler=build_lr_scheduler(config, optimizer, optimizer_steps_per_epoch(steps_per_epoch,
+                                                                                     config.accum_steps)),
         device=context.device,
         distributed=context,
         recipe=build_step_recipe(config, model, task=task, num_classes=num_classes, rank=context.rank),

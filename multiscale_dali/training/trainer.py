@@ -8,7 +8,6 @@ produced the batches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -18,17 +17,21 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from multiscale_dali.errors import EXIT_FAILURE, UserError
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.pipelines.schedule import ScaleSchedule
+from multiscale_dali.training.accumulate import MicroBatch, PendingStep, micro_batches, rescale_gradients
+from multiscale_dali.training.backward import StepBackward
 from multiscale_dali.training.best import BestEpoch
 from multiscale_dali.training.checkpoint import load_scaler_state
+from multiscale_dali.training.compiled import no_shape_budget, shape_budget
 from multiscale_dali.training.distributed import DistributedContext
-from multiscale_dali.training.losses import LossValues, ScaleConsistencyLoss, ScaleShare, StepLosses, base_loss, predict
+from multiscale_dali.training.losses import LossValues, ScaleConsistencyLoss, base_loss, predict
 from multiscale_dali.training.metrics import ScaleMeter
 from multiscale_dali.training.recipe import EMA, RAW, PreparedBatch, StepRecipe
+from multiscale_dali.training.micro_batch import micro_batch_largest
+from multiscale_dali.training.wrapping import MultiScaleModel, training_modules
 # The records are part of the trainer's interface: reporting and the CLI import them from here.
 from multiscale_dali.training.records import EpochRecord, FitResult, StepEvent
 
@@ -45,21 +48,6 @@ class NonFiniteLossError(UserError, RuntimeError, exit_code=EXIT_FAILURE):
     user's to fix (the message says how: learning rate, AMP), so the CLI shows it as one line."""
 
 
-class MultiScaleModel(nn.Module):
-    """Runs one network on every scale inside a single ``forward``.
-
-    DDP expects one forward per backward; several forwards of the bare network before one backward
-    can raise "marked ready twice". Wrapping the scales here keeps the step DDP-friendly.
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, images: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {scale: self.net(x) for scale, x in images.items()}
-
-
 @dataclass(frozen=True)
 class TrainerOptions:
     epochs: int
@@ -67,6 +55,10 @@ class TrainerOptions:
     grad_clip_norm: float | None = None
     memory_efficient: bool = False
     max_consecutive_nonfinite: int = 5
+    micro_batch_batchnorm: bool = False  # memory_efficient: chunk the largest scale of a BatchNorm model too
+    accum_steps: int = 1  # micro-batches (loader batches) per optimiser step
+    compile_backend: str | None = None  # torch.compile backend of the training step; None: eager
+    sync_batchnorm: bool = False  # distributed runs: SyncBatchNorm over the ranks
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -79,6 +71,8 @@ class TrainerOptions:
             raise ValueError(
                 f"max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}"
             )
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
 
 
 class MultiScaleTrainer:
@@ -99,14 +93,10 @@ class MultiScaleTrainer:
     ) -> None:
         self.device = torch.device(device)
         self.distributed = distributed or DistributedContext(device=self.device)
-        self.net = model  # the bare network: what checkpoints and evaluation use
-        self.model: nn.Module = MultiScaleModel(model)
-        if self.distributed.is_distributed:
-            # One DDP wrapper around all scales: one forward and one backward per step, which is what
-            # DDP's gradient hooks expect. Construction broadcasts rank 0's weights to every rank.
-            self.model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        # The bare network (what checkpoints and evaluation use) and the module a step calls.
+        self.net, self.model = training_modules(model, distributed=self.distributed, device=self.device,
+                                                compile_backend=options.compile_backend,
+                                                sync_bn=options.sync_batchnorm)
         self.loss = loss
         self.task = loss.task
         self.optimizer = optimizer
@@ -118,18 +108,28 @@ class MultiScaleTrainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=options.amp_dtype == torch.float16
         )
+        num_scales = len(schedule.all_scales)
+        self._backward = StepBackward(
+            self.model, loss=loss, scaler=self.scaler, device=self.device, amp_dtype=options.amp_dtype,
+            memory_efficient=options.memory_efficient,
+            micro_batch_largest=micro_batch_largest(self.net, memory_efficient=options.memory_efficient,
+                                                    batchnorm_opt_in=options.micro_batch_batchnorm),
+            shape_budget=(lambda: shape_budget(num_scales)) if options.compile_backend else no_shape_budget)
         self.epoch = 0
         self.global_step = 0
         self._best = BestEpoch()
         self._nonfinite_in_a_row = 0
         # BatchNorm running statistics and counters, snapshotted before each step (see _step).
-        self._buffers = list(model.buffers())
+        self._buffers = list(self.net.buffers())
         # Position inside the current epoch: a checkpoint taken mid-epoch resumes exactly here.
         self.step_in_epoch = 0
         self._meter: ScaleMeter | None = None
         self._meter_epoch = -1
         self._epoch_seconds = 0.0
         self._last_loss: torch.Tensor | None = None  # the latest step's total, for StepEvent
+        self._last_images = 0  # the latest step's samples, for StepEvent
+        # The optimiser step being accumulated; None between steps (checkpoints are taken only then).
+        self._pending: PendingStep | None = None
 
     # ------------------------------------------------------------------ hooks for subclasses
     def train_scales(self, epoch: int) -> tuple[int, ...]:
@@ -143,45 +143,44 @@ class MultiScaleTrainer:
         return max(self.validation_scales(epoch))
 
     # ------------------------------------------------------------------ one step
-    def _autocast(self):
-        return torch.autocast(
-            self.device.type,
-            dtype=self.options.amp_dtype or torch.float32,
-            enabled=self.options.amp_dtype is not None,
-        )
+    def _step(self, batch: MultiScaleBatch, meter: ScaleMeter, micro: MicroBatch | None = None) -> bool | None:
+        """One micro-batch of an optimisation step, then the step itself after the group's last one.
 
-    def _no_sync(self, active: bool):
-        """DDP's ``no_sync`` (gradients accumulate locally, no all-reduce) when ``active``."""
-        if active and isinstance(self.model, DistributedDataParallel):
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
-    def _step(self, batch: MultiScaleBatch, meter: ScaleMeter) -> bool:
-        """One optimisation step; False when it was skipped for a non-finite loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        # The train-mode forward updates BatchNorm running statistics before the loss is known to be
-        # finite; a skipped step must not leave inf/NaN in them (they would poison every later eval).
-        saved_buffers = [b.detach().clone() for b in self._buffers]
+        None while the step is still accumulating; else whether it was taken (False: skipped for a
+        non-finite loss). Without ``micro`` the batch is a whole step.
+        """
+        micro = micro or MicroBatch(batch)
+        if micro.index == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            # The train-mode forward updates BatchNorm running statistics before the loss is known to be
+            # finite; a skipped step must not leave inf/NaN in them (they would poison every later eval).
+            self._pending = PendingStep(saved_buffers=[b.detach().clone() for b in self._buffers], meter=ScaleMeter())
+        pending = self._pending
         prepared = self.recipe.prepare(batch)
-        if self.options.memory_efficient and len(batch.images) > 1:
-            losses, logits = self._backward_one_scale_at_a_time(prepared)
-        else:
-            losses, logits = self._backward_all_scales(prepared)
-        self._last_loss = losses.total.detach()
-        # The step's one device->host transfer: every logged number and the finiteness check. It
+        losses, logits = self._backward(prepared, loss_scale=1.0 / self.options.accum_steps, sync=micro.closes_group)
+        # The micro-batch's one device->host transfer: every logged number and the finiteness check. It
         # comes after the backward, so the device runs forward and backward without waiting for the
         # host; a non-finite step's gradients are dropped below.
         values = losses.read()
-        local_finite = math.isfinite(values.total)
+        finite = math.isfinite(values.total)
+        pending.add(total=losses.total.detach(), finite=finite, images=batch.batch_size)
+        if finite:
+            self._record_step(prepared, logits, values, pending.meter)
+        if not micro.closes_group:
+            return None
+        self._pending, self._last_loss, self._last_images = None, pending.mean_loss(), pending.images
         # Under DDP every rank ran its backward (it all-reduces and waits for every rank); the ranks
         # then agree to skip a step that was non-finite on any of them.
-        if self.distributed.any_rank(not local_finite):
-            self._skip_step(saved_buffers, meter, here=not local_finite)
+        if self.distributed.any_rank(not pending.finite):
+            self._skip_step(pending.saved_buffers, meter, here=not pending.finite)
             return False
         self._nonfinite_in_a_row = 0
+        if micro.group_size < self.options.accum_steps:
+            # The epoch's shortened last group: its losses were scaled by 1/K, its mean needs 1/m.
+            rescale_gradients(self.net.parameters(), self.options.accum_steps / micro.group_size)
         self._optimizer_step()
         self.recipe.after_step(self.net)
-        self._record_step(prepared, logits, values, meter)
+        meter.add_meter(pending.meter)
         return True
 
     def _skip_step(self, saved_buffers: list[torch.Tensor], meter: ScaleMeter, *, here: bool) -> None:
@@ -245,43 +244,6 @@ class MultiScaleTrainer:
             loss_mean = base_loss(logits, targets, task=self.task)
         return loss_mean, predict(logits, task=self.task) == labels, count
 
-    def _backward_all_scales(self, prepared: PreparedBatch) -> tuple[StepLosses, dict[int, torch.Tensor]]:
-        with self._autocast():
-            logits = self.model(prepared.batch.images)
-            losses = self.loss.step_losses(logits, prepared.targets)
-        self.scaler.scale(losses.total).backward()
-        return losses, logits
-
-    def _backward_one_scale_at_a_time(self, prepared: PreparedBatch) -> tuple[StepLosses, dict[int, torch.Tensor]]:
-        """Largest scale first, then each smaller scale against the detached largest-scale target.
-
-        Only one scale's activations are alive at a time; the gradients equal the naive step's when
-        the teacher is the detached largest scale (the consistency term does not flow into it).
-        Under DDP every backward but the last runs in ``no_sync``: gradients of the scales add up
-        locally and the last backward all-reduces the sum once (DDP's gradient-accumulation pattern),
-        so each forward is followed by its own backward and DDP never sees two forwards in a row.
-        """
-        batch = prepared.batch
-        scales = sorted(batch.images, reverse=True)
-        logits: dict[int, torch.Tensor] = {}
-        shares: dict[int, ScaleShare] = {}
-        teacher: torch.Tensor | None = None
-        total = torch.zeros((), device=self.device)
-        for index, scale in enumerate(scales):
-            with self._no_sync(index < len(scales) - 1):
-                with self._autocast():
-                    out = self.model({scale: batch.images[scale]})[scale]
-                    share = self.loss.scale_share(
-                        out, prepared.target_at(scale), teacher, num_scales=len(scales), is_teacher=teacher is None
-                    )
-                self.scaler.scale(share.total).backward()
-            total = total + share.total.detach().float()
-            shares[scale] = share
-            logits[scale] = out.detach()
-            if teacher is None:
-                teacher = out.detach()
-        return StepLosses.from_shares(shares, total), logits
-
     # ------------------------------------------------------------------ epochs
     def train_epoch(
         self,
@@ -301,12 +263,15 @@ class MultiScaleTrainer:
             self._meter, self._meter_epoch, self.step_in_epoch, self._epoch_seconds = ScaleMeter(), epoch, 0, 0.0
         meter = self._meter
         start = time.perf_counter()
-        for batch in batches:
-            self._step(batch, meter)
+        accum = self.options.accum_steps
+        for micro in micro_batches(batches, accum_steps=accum, start=self.step_in_epoch):
+            taken = self._step(micro.batch, meter, micro)
             self.step_in_epoch += 1
+            if taken is None:
+                continue  # mid-step: no event, and no stop (a checkpoint never holds half a step's gradients)
             if on_step is not None:
-                on_step(StepEvent(epoch=epoch, step=self.step_in_epoch, global_step=self.global_step,
-                                  batch_size=batch.batch_size, loss=self._last_loss))
+                on_step(StepEvent(epoch=epoch, step=-(-self.step_in_epoch // accum), global_step=self.global_step,
+                                  batch_size=self._last_images, loss=self._last_loss))
             if should_stop is not None and should_stop():
                 self._epoch_seconds += time.perf_counter() - start
                 return None
@@ -355,7 +320,7 @@ class MultiScaleTrainer:
                 raise ValueError(f"evaluation asked for scales {sorted(wanted)}, batch has {batch.scales}")
             for name, net in nets.items():
                 count = 0
-                with self._autocast():
+                with self._backward.autocast():
                     for scale, x in images.items():
                         loss_mean, hits, count = self._metric_terms(net(x).float(), batch)
                         meters[name].update(scale, loss_mean, hits, count)
@@ -409,6 +374,8 @@ class MultiScaleTrainer:
         Distributed: a collective (the partial epoch's metrics are summed over the ranks), so every
         rank calls it at the same step.
         """
+        if self._pending is not None:
+            raise RuntimeError("a training state is taken between optimiser steps, not while one accumulates")
         best = self._best.state_dict()
         state: dict[str, Any] = {
             "model": self.net.state_dict(),
