@@ -47,6 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from multiscale_dali.data.shard_format import (
+    DEFAULT_SHUFFLE_BUFFER,
     IMAGE_EXT,
     LABEL_TEXT_EXT,
     TAR_BLOCK,
@@ -62,8 +63,6 @@ __all__ = ["DEFAULT_SHUFFLE_BUFFER", "ShardSample", "ShardIterableDataset", "rea
 
 log = logging.getLogger(__name__)
 
-# Samples held per worker for the buffer shuffle: a few MB of JPEG bytes, and DALI's initial_fill default.
-DEFAULT_SHUFFLE_BUFFER = 1024
 
 
 class ShardSample(NamedTuple):

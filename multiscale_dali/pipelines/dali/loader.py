@@ -8,6 +8,8 @@ end (measured on DALI 2.4 CPU; ``tests/test_loader_resume.py`` holds it to that)
 
 Padding: the reader reads positions in the padded sample list, not labels; a position at or past
 ``len(spec.files)`` is a padded duplicate, which the batch's ``valid`` mask leaves out of metrics.
+On a pack's shards the reader yields the labels themselves and pads each rank's block after its
+last real sample, so the position inside the epoch tells padding apart (``shards.valid_samples``).
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from multiscale_dali.constants import Backend
+from multiscale_dali.data.shard_format import ShardError
 from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
 from multiscale_dali.pipelines.dali.graph import LABELS_SLOT, READER_NAME, graph_for, scale_slot
 from multiscale_dali.pipelines.dali.pipeline import multiscale_pipeline
+from multiscale_dali.pipelines.dali.shards import valid_samples
 from multiscale_dali.pipelines.sampling import (
     AUGMENT_STREAM,
     check_loader_state,
     derived_seed,
     loader_state,
     padded_sample_order,
+    shard_padding_mask,
 )
 from multiscale_dali.pipelines.spec import LoaderSpec
 
@@ -46,7 +51,14 @@ def _last_batch_policy(spec: LoaderSpec) -> LastBatchPolicy:
     return LastBatchPolicy.DROP if drops else LastBatchPolicy.PARTIAL
 
 
-def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> RuntimeError:
+def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> Exception:
+    if spec.shards is not None:
+        # The pack was verified when it was made and its sizes at start; what DALI meets now is a
+        # shard damaged since, which `msdali scan` names with its key.
+        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        directory = spec.shards.manifest.directory
+        return ShardError(f"DALI cannot read split {spec.shards.split} of {directory} in epoch {epoch} (a damaged "
+                          f"shard?); `msdali scan --data {directory}` names the shard and key. DALI said: {said}")
     return RuntimeError(
         f"DALI failed in epoch {epoch} (shard {spec.shard_id}/{spec.num_shards}, {len(spec.files)} "
         f"files); a corrupt or unreadable image stops a DALI pipeline, the torchvision backend can "
@@ -149,7 +161,7 @@ class DaliLoader:
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
-        order = padded_sample_order(len(spec.files), spec.num_shards)
+        order = padded_sample_order(len(spec.files), spec.num_shards) if spec.shards is None else []
         self._padded_labels = torch.tensor([int(spec.labels[i]) for i in order], dtype=torch.int64)
         self._iterator: DALIGenericIterator | None = None
         self._pipeline: Pipeline | None = None
@@ -289,12 +301,26 @@ class DaliLoader:
         for step in range(first_step, spec.steps_per_epoch):
             outputs = self._next_batch_outputs(iterator, epoch, step)
             images = {s: _checked(outputs[scale_slot(i)], s, epoch, step) for i, s in enumerate(scales)}
-            positions = outputs[LABELS_SLOT].view(-1).long().cpu()
-            batch = to_model_batch(images, self._padded_labels[positions], device,
-                                   channels_last=spec.channels_last, valid=positions < len(spec.files))
+            labels, valid = self._labels(outputs[LABELS_SLOT].view(-1).long().cpu(), epoch, step)
+            batch = to_model_batch(images, labels, device, channels_last=spec.channels_last, valid=valid)
             # Counted before the yield: while the caller holds this batch, it has been consumed.
             self._position = (epoch, step + 1)
             yield batch
+
+    def _labels(self, read: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Labels and padding mask of a batch from what the reader yielded (see the module docstring)."""
+        spec = self.spec
+        if spec.shards is None:
+            return self._padded_labels[read], read < len(spec.files)
+        num_classes = spec.shards.manifest.num_classes
+        if read.numel() and not 0 <= int(read.min()) <= int(read.max()) < num_classes:
+            directory = spec.shards.manifest.directory
+            raise ShardError(f"split {spec.shards.split} of {directory} holds a label outside 0..{num_classes - 1} "
+                             f"(epoch {epoch}, batch {step}); `msdali scan --data {directory}` names the shard and key")
+        # Eval readers stay on their own block; training readers move one block on per epoch.
+        real = valid_samples(spec.num_samples, shard_id=spec.shard_id, num_shards=spec.num_shards,
+                             epoch=epoch if spec.train else 0)
+        return read, shard_padding_mask(real, spec.batch_size, step, read.numel())
 
     def _next_batch_outputs(self, iterator: DALIGenericIterator, epoch: int, step: int) -> dict[str, torch.Tensor]:
         """Batch ``step`` of ``epoch``; after the last one, also DALI's end of epoch.
