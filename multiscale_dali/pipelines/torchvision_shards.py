@@ -1,0 +1,94 @@
+"""The torchvision backend on a packed directory: the folder loader's semantics over tar shards.
+
+:class:`TorchvisionShardLoader` is :class:`~multiscale_dali.pipelines.torchvision_backend.TorchvisionLoader`
+with another DataLoader underneath: an iterable dataset that streams the rank's samples out of the
+tars (:class:`~multiscale_dali.pipelines.shards_torchvision.ShardIterableDataset`, in its
+batch-interleaved worker layout) and turns each into every scale with the folder loader's own
+transform. What that gives:
+
+* the rank's blocks, padding and epochs are those of the DALI reader over the same pack: rank ``k``
+  reads block ``(k + epoch) % num_shards`` in training, block ``k`` in every evaluation epoch, and
+  padded duplicates carry ``valid=False``, so every sample counts once per epoch over the ranks;
+* batches come out in the rank's order whatever the worker count (worker ``w`` makes batches ``w``,
+  ``w + W``, ...), only the last can be partial, and the count is ``spec.steps_per_epoch``;
+* every random draw is seeded from ``(seed, epoch, key)`` and the shuffle buffer from ``(seed,
+  epoch, rank, worker)``, so an epoch is a pure function of the spec and the worker count: a resumed
+  epoch re-reads the skipped batches' bytes (for the shuffle to draw the same) and decodes none of them.
+
+Workers are started for every epoch (not persistent): the epoch and the batches to skip reach them
+through the dataset, which a DataLoader hands to its workers when an epoch's iteration starts.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from multiscale_dali.data.shard_format import key_position
+from multiscale_dali.pipelines.shards_torchvision import ShardIterableDataset, decode_jpeg_rgb
+from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.torchvision_backend import MultiScaleTransform, TorchvisionLoader
+
+__all__ = ["MultiScaleShardDataset", "TorchvisionShardLoader"]
+
+ShardItem = tuple[dict[int, torch.Tensor], int, bool]  # ({scale: uint8 [s, s, 3]}, label, valid)
+
+
+class MultiScaleShardDataset(IterableDataset):
+    """The samples of one rank of a shard source, each as every scale of the epoch, its label and ``valid``."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        super().__init__()
+        source = spec.shards
+        if source is None:
+            raise ValueError("MultiScaleShardDataset needs a spec with a shard source")
+        self.spec = spec
+        self.samples = ShardIterableDataset(
+            source.manifest, source.split, train=spec.train, seed=spec.seed, shard_id=spec.shard_id,
+            num_shards=spec.num_shards, shuffle_buffer=source.shuffle_buffer, batch_size=spec.batch_size,
+        )
+        self._transform = MultiScaleTransform(spec)
+        self._epoch = 0
+        self._scales = tuple(spec.schedule.scales_at(0))
+
+    def set_epoch(self, epoch: int, *, skip_batches: int = 0) -> None:
+        """Read ``epoch`` next (evaluation reads its fixed block), without its first ``skip_batches`` batches."""
+        self._epoch = epoch
+        self._scales = tuple(self.spec.schedule.scales_at(epoch))
+        self.samples.set_epoch(epoch if self.spec.train else 0, skip_batches=skip_batches)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[ShardItem]:
+        for sample in self.samples:
+            image = decode_jpeg_rgb(sample.image)
+            views = self._transform(image, epoch=self._epoch, index=key_position(sample.key), scales=self._scales)
+            yield views, sample.label, sample.valid
+
+
+class TorchvisionShardLoader(TorchvisionLoader):
+    """:class:`~multiscale_dali.pipelines.spec.Loader` over a shard source (see the module docstring).
+
+    State and resume are the folder loader's: an epoch is a pure function of the spec, so the
+    position ``(epoch, step)`` is the whole state.
+    """
+
+    def _data_loader(self) -> DataLoader:
+        spec = self.spec
+        self._dataset = MultiScaleShardDataset(spec)
+        return DataLoader(
+            self._dataset,
+            batch_size=spec.batch_size,
+            # LoaderSpec keeps a lone partial batch even with drop_last; only the rank's last batch
+            # can be partial, and only the worker that makes it has one to drop.
+            drop_last=spec.drop_last and spec.shard_size >= spec.batch_size,
+            num_workers=spec.num_workers,
+            pin_memory=self._device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _set_epoch(self, epoch: int, first_step: int) -> None:
+        self._dataset.set_epoch(epoch, skip_batches=first_step)
