@@ -12,7 +12,8 @@ Layout, the same as DALI's webdataset reader (so both backends put the same samp
 * or, with ``batch_size`` (what the torchvision loader uses), worker ``w`` takes batches ``w``,
   ``w + W``, ... of the rank's padded sequence: a DataLoader collects one batch from each worker in
   turn, so its batches come out in the rank's order whatever the worker count, only the last batch
-  can be partial, and a resume skips whole batches of known workers (``set_epoch(skip_batches=)``).
+  can be partial, and a resume skips whole batches of known workers (``set_epoch(skip_batches=)``,
+  the DataLoader's first worker then making the first batch not skipped).
 
 Padding, so that every rank runs the same number of steps: every rank yields exactly
 ``samples_per_reader(N, num_shards) = ceil(N / num_shards)`` samples per epoch (that is ``len()``);
@@ -172,6 +173,10 @@ class ShardIterableDataset(IterableDataset):
     def __iter__(self) -> Iterator[ShardSample]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if self.batch_size is not None:
+            # A DataLoader asks its workers in turn starting with worker 0, so after skipping k
+            # batches worker 0 must make batch k: workers take the roles of the batch layout rotated.
+            worker_id = (worker_id + self._skip_batches) % num_workers
         return self.iter_epoch(self._epoch, worker_id=worker_id, num_workers=num_workers,
                                skip_batches=self._skip_batches)
 

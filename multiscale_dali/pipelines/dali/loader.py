@@ -10,6 +10,10 @@ Padding: the reader reads positions in the padded sample list, not labels; a pos
 ``len(spec.files)`` is a padded duplicate, which the batch's ``valid`` mask leaves out of metrics.
 On a pack's shards the reader yields the labels themselves and pads each rank's block after its
 last real sample, so the position inside the epoch tells padding apart (``shards.valid_samples``).
+Blocks differ in size by one, and DALI's iterator trims a padded tail by the sizes it expects per
+block (an all-padding batch came out empty, and with DROP the unread padding of one epoch came out
+as the first batch of the next): so shard batches are read with FILL, always whole, and the loader
+cuts each rank's epoch to ``spec.shard_size`` samples itself, as the folder path's padded list does.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from multiscale_dali.constants import Backend
 from multiscale_dali.data.shard_format import ShardError
 from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
-from multiscale_dali.pipelines.dali.graph import LABELS_SLOT, READER_NAME, graph_for, scale_slot
+from multiscale_dali.pipelines.dali.graph import (
+    LABELS_SLOT,
+    READER_NAME,
+    graph_for,
+    iterations_per_epoch,
+    scale_slot,
+)
 from multiscale_dali.pipelines.dali.pipeline import multiscale_pipeline
 from multiscale_dali.pipelines.dali.shards import valid_samples
 from multiscale_dali.pipelines.sampling import (
@@ -45,6 +55,8 @@ log = logging.getLogger(__name__)
 
 
 def _last_batch_policy(spec: LoaderSpec) -> LastBatchPolicy:
+    if spec.shards is not None:
+        return LastBatchPolicy.FILL  # see the module docstring
     # LoaderSpec keeps a lone partial batch even with drop_last (steps_per_epoch is then 1); DROP
     # would yield nothing and DALI would refuse to start.
     drops = spec.drop_last and spec.shard_size >= spec.batch_size
@@ -94,12 +106,18 @@ def _iterator(pipeline: Pipeline, spec: LoaderSpec, *, first_epoch: int) -> DALI
         )
     except RuntimeError as err:
         raise _dali_error(err, spec, first_epoch) from err
-    if len(iterator) != spec.steps_per_epoch:
+    if len(iterator) != dali_batches(spec):
         raise RuntimeError(
             f"DALI iterator yields {len(iterator)} batches per epoch but the spec expects "
-            f"{spec.steps_per_epoch} (shard_size={spec.shard_size}, batch_size={spec.batch_size})"
+            f"{dali_batches(spec)} (shard_size={spec.shard_size}, batch_size={spec.batch_size})"
         )
     return iterator
+
+
+def dali_batches(spec: LoaderSpec) -> int:
+    """Batches the DALI iterator yields per epoch: the spec's, or on shards every batch the reader
+    runs (FILL), of which a dropped last one is read and discarded by the loader."""
+    return spec.steps_per_epoch if spec.shards is None else iterations_per_epoch(spec)
 
 
 # ---------------------------------------------------------------------------------------- resume state
@@ -300,8 +318,10 @@ class DaliLoader:
         device = torch.device(spec.device)
         for step in range(first_step, spec.steps_per_epoch):
             outputs = self._next_batch_outputs(iterator, epoch, step)
-            images = {s: _checked(outputs[scale_slot(i)], s, epoch, step) for i, s in enumerate(scales)}
-            labels, valid = self._labels(outputs[LABELS_SLOT].view(-1).long().cpu(), epoch, step)
+            # On shards, the rank's epoch ends at shard_size samples: FILL may run past it.
+            keep = min(spec.batch_size, spec.shard_size - step * spec.batch_size)
+            images = {s: _checked(outputs[scale_slot(i)], s, epoch, step)[:keep] for i, s in enumerate(scales)}
+            labels, valid = self._labels(outputs[LABELS_SLOT].view(-1)[:keep].long().cpu(), epoch, step)
             batch = to_model_batch(images, labels, device, channels_last=spec.channels_last, valid=valid)
             # Counted before the yield: while the caller holds this batch, it has been consumed.
             self._position = (epoch, step + 1)
@@ -335,6 +355,11 @@ class DaliLoader:
             self._epoch_finished = True
             raise RuntimeError(f"DALI yielded {step} batches in epoch {epoch}, expected {expected}")
         if step + 1 == expected:
+            # A last batch the spec drops is still read (shards only: folder iterators drop it themselves).
+            for _ in range(dali_batches(self.spec) - expected):
+                if self._next_outputs(iterator, epoch) is None:
+                    raise RuntimeError(f"DALI yielded {expected} batches in epoch {epoch}, expected "
+                                       f"{dali_batches(self.spec)}")
             if self._next_outputs(iterator, epoch) is not None:
                 raise RuntimeError(f"DALI yielded more than {expected} batches in epoch {epoch}")
             self._epoch_finished = True
