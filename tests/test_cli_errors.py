@@ -29,7 +29,7 @@ from multiscale_dali.training.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "multiscale_dali" / "cli"
-COMMANDS = ("train", "evaluate", "predict", "scan", "benchmark", "plot", "models", "recipes")
+COMMANDS = ("train", "evaluate", "predict", "scan", "pack", "benchmark", "plot", "models", "recipes")
 MAX_FUNCTION_LINES = 60
 
 

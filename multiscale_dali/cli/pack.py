@@ -73,7 +73,7 @@ def _check_replace(out: Path, *, root: Path, seed: int, fractions: tuple[float, 
               help="ImageFolder to pack (class subfolders, optional train/val/test).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory of the pack: new, empty, or an earlier pack of the same folder.")
-@click.option("--shard-size", "shard_bytes", type=BYTE_SIZE, default=DEFAULT_SHARD_SIZE, show_default=True,
+@click.option("--shard-size", type=BYTE_SIZE, default=DEFAULT_SHARD_SIZE, show_default=True,
               help="Largest size of one tar shard (K/M/G units are powers of 1024).")
 @click.option("--split-fractions", type=FRACTIONS, default=None,
               help="train,val,test fractions when --data has no train/val/test folders. "
@@ -87,7 +87,7 @@ def _check_replace(out: Path, *, root: Path, seed: int, fractions: tuple[float, 
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads that decode (scan), read and re-encode.")
 @click.option("--overwrite", is_flag=True, help="Replace a pack of another folder or other settings in --out.")
-def pack(data: Path, out: Path, shard_bytes: int, split_fractions: tuple[float, ...] | None, seed: int,
+def pack(data: Path, out: Path, shard_size: int, split_fractions: tuple[float, ...] | None, seed: int,
          on_bad_file: str, max_image_pixels: int | None, workers: int, overwrite: bool) -> None:
     """Pack an ImageFolder into tar shards per split, with DALI index files and a manifest.
 
@@ -103,9 +103,9 @@ def pack(data: Path, out: Path, shard_bytes: int, split_fractions: tuple[float, 
     _check_source(data)
     fractions = split_fractions or DEFAULT_SPLIT_FRACTIONS
     splits = discover_dataset(data, fractions=fractions, seed=seed)
-    _check_replace(out, root=data, seed=seed, fractions=fractions, shard_bytes=shard_bytes, overwrite=overwrite)
+    _check_replace(out, root=data, seed=seed, fractions=fractions, shard_bytes=shard_size, overwrite=overwrite)
     with StageProgress() as progress:
-        manifest = pack_dataset(splits=splits, out=out, seed=seed, shard_bytes=shard_bytes, on_bad_file=on_bad_file,
+        manifest = pack_dataset(splits=splits, out=out, seed=seed, shard_bytes=shard_size, on_bad_file=on_bad_file,
                                 max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS, workers=workers,
                                 scan_cache=scan_cache_path(data), on_progress=progress, split_fractions=fractions)
     for split in manifest.splits:

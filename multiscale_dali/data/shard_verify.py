@@ -23,7 +23,7 @@ import logging
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,13 +55,14 @@ class VerifyResult:
     deep: bool
 
 
-def verify_shards(manifest: Manifest, *, deep: bool,
-                  on_progress: Callable[[int, int], None] | None = None) -> VerifyResult:
+def verify_shards(manifest: Manifest, *, deep: bool, on_progress: Callable[[int, int], None] | None = None,
+                  splits: Sequence[str] | None = None) -> VerifyResult:
     """Check every shard of ``manifest`` (see the module docstring for what each depth covers);
-    ``on_progress(done, total)`` counts the shards checked."""
+    ``on_progress(done, total)`` counts the shards checked; ``splits`` limits the check to those."""
     shards = samples = 0
-    total = sum(len(split.shards) for split in manifest.splits)
-    for split in manifest.splits:
+    chosen = [split for split in manifest.splits if splits is None or split.name in splits]
+    total = sum(len(split.shards) for split in chosen)
+    for split in chosen:
         counts = np.zeros(manifest.num_classes, dtype=np.int64)
         first = 0
         for shard in split.shards:

@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from multiscale_dali.data.shard_format import key_position
+from multiscale_dali.data.shard_format import ShardError, key_position
 from multiscale_dali.pipelines.shards_torchvision import ShardIterableDataset, decode_jpeg_rgb
 from multiscale_dali.pipelines.spec import LoaderSpec
 from multiscale_dali.pipelines.torchvision_backend import MultiScaleTransform, TorchvisionLoader
@@ -92,3 +92,24 @@ class TorchvisionShardLoader(TorchvisionLoader):
 
     def _set_epoch(self, epoch: int, first_step: int) -> None:
         self._dataset.set_epoch(epoch, skip_batches=first_step)
+
+    def _batches(self, batches: Iterator, epoch: int, first_step: int) -> Iterator:
+        return super()._batches(_worker_errors_as_raised(batches), epoch, first_step)
+
+
+def _worker_errors_as_raised(batches: Iterator) -> Iterator:
+    """The batches, with a damaged shard's error as the reader raised it.
+
+    A DataLoader re-raises a worker's exception in the main process with the worker's traceback
+    as its message; a damaged pack is the user's to fix, and its message is one line naming the
+    shard and key, so that line (the traceback's last) is what is raised again.
+    """
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except ShardError as err:
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+            raise ShardError(last.split("ShardError: ", 1)[-1]) from None
+        yield batch

@@ -54,6 +54,25 @@ from multiscale_dali.pipelines.spec import LoaderSpec
 log = logging.getLogger(__name__)
 
 
+def _damaged_pack(spec: LoaderSpec, what: str) -> ShardError:
+    """The error for a split DALI cannot use: the pack's own check of the split names the shard and key.
+
+    DALI names neither, and the pack passed its cheap check at start, so a shard changed since (or
+    was damaged inside, where only a full read tells). Verifying the split reads all of it, once,
+    on this error path only.
+    """
+    from multiscale_dali.data.shard_verify import verify_shards
+
+    source = spec.shards
+    try:
+        verify_shards(source.manifest, deep=True, splits=[source.split])
+    except ShardError as err:
+        return err
+    directory = source.manifest.directory
+    return ShardError(f"split {source.split} of {directory}: {what}, yet the split verifies; "
+                      f"`msdali scan --data {directory}` checks the whole pack")
+
+
 def _last_batch_policy(spec: LoaderSpec) -> LastBatchPolicy:
     if spec.shards is not None:
         return LastBatchPolicy.FILL  # see the module docstring
@@ -65,12 +84,8 @@ def _last_batch_policy(spec: LoaderSpec) -> LastBatchPolicy:
 
 def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> Exception:
     if spec.shards is not None:
-        # The pack was verified when it was made and its sizes at start; what DALI meets now is a
-        # shard damaged since, which `msdali scan` names with its key.
         said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        directory = spec.shards.manifest.directory
-        return ShardError(f"DALI cannot read split {spec.shards.split} of {directory} in epoch {epoch} (a damaged "
-                          f"shard?); `msdali scan --data {directory}` names the shard and key. DALI said: {said}")
+        return _damaged_pack(spec, f"DALI cannot read it in epoch {epoch} (DALI said: {said})")
     return RuntimeError(
         f"DALI failed in epoch {epoch} (shard {spec.shard_id}/{spec.num_shards}, {len(spec.files)} "
         f"files); a corrupt or unreadable image stops a DALI pipeline, the torchvision backend can "
@@ -334,9 +349,7 @@ class DaliLoader:
             return self._padded_labels[read], read < len(spec.files)
         num_classes = spec.shards.manifest.num_classes
         if read.numel() and not 0 <= int(read.min()) <= int(read.max()) < num_classes:
-            directory = spec.shards.manifest.directory
-            raise ShardError(f"split {spec.shards.split} of {directory} holds a label outside 0..{num_classes - 1} "
-                             f"(epoch {epoch}, batch {step}); `msdali scan --data {directory}` names the shard and key")
+            raise _damaged_pack(spec, f"a label outside 0..{num_classes - 1} in epoch {epoch}, batch {step}")
         # Eval readers stay on their own block; training readers move one block on per epoch.
         real = valid_samples(spec.num_samples, shard_id=spec.shard_id, num_shards=spec.num_shards,
                              epoch=epoch if spec.train else 0)
