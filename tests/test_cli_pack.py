@@ -111,12 +111,14 @@ def test_packing_a_pack_or_into_a_foreign_folder_is_refused(pack, image_root, tm
 
 
 # ---------------------------------------------------------------------------------------- using a pack
-@pytest.mark.parametrize("backend, mode", [("torchvision", "multiscale"), ("torchvision", "progressive"),
+# torchvision's progressive mode only asks its loader for other scales per epoch (covered on shards
+# by test_loader_resume); DALI's takes its sizes from the reader's iteration count, so it runs both.
+@pytest.mark.parametrize("backend, mode", [("torchvision", "multiscale"),
                                            *[pytest.param("dali", mode, marks=BACKENDS[1].marks)
                                              for mode in ("multiscale", "progressive")]])
 def test_train_on_a_pack_writes_the_run_of_its_splits(pack, tmp_path, backend, mode):
     out = tmp_path / "run"
-    by_mode = ["--consistency-weight", "0.5"] if mode == "multiscale" else ["--schedule", "0:32,1:48"]
+    by_mode = ["--consistency-weight", "0"] if mode == "multiscale" else ["--schedule", "0:32,1:48"]
     result = _cli("train", "--data", str(pack), "--out", str(out), "--backend", backend, "--mode", mode,
                   "--epochs", "2", *by_mode, *SMALL, *_workers(backend))
     assert result.exit_code == 0, result.output
@@ -127,10 +129,8 @@ def test_train_on_a_pack_writes_the_run_of_its_splits(pack, tmp_path, backend, m
     assert set(json.loads((out / "results.json").read_text())["test"]) == {"32", "48"}
 
 
-def test_evaluate_on_the_pack_reproduces_the_test_result_of_training(pack, tmp_path):
-    out = tmp_path / "run"
-    assert _cli("train", "--data", str(pack), "--out", str(out), "--epochs", "1", "--backend", "torchvision",
-                *SMALL, *_workers("torchvision")).exit_code == 0
+def test_evaluate_on_the_pack_reproduces_the_test_result_of_training(pack, trained, tmp_path):
+    out = Path(shutil.copytree(trained[0], tmp_path / "run"))
     result = _cli("evaluate", "--checkpoint", str(out / "best.pt"), "--scales", "48", "--backend", "torchvision",
                   "--recalibrate-bn", "--bn-batches", "1", "--workers", "0")
     assert result.exit_code == 0, result.output
