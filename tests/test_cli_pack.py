@@ -26,7 +26,7 @@ SMALL = ["--scales", "32,48", "--batch-size", "8", "--model", "tiny_cnn"]
 
 
 def _workers(backend: str) -> list[str]:
-    # Worker processes start anew every epoch on shards; their layout is tested in test_loader_resume.
+    # No worker processes: their layout and resume are test_loader_resume's and test_shard_loaders'.
     return ["--workers", "0" if backend == "torchvision" else "1"]
 SHARD_SIZE = "16KB"  # a few images per tar, so every split spans several shards
 

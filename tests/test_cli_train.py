@@ -178,7 +178,7 @@ def packed_root(image_root, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("source", ["folder", "shards"])
 def test_sigterm_mid_epoch_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, request, backend, source):
     data = request.getfixturevalue("image_root" if source == "folder" else "packed_root")
-    # Shard workers start anew each epoch; their resume is test_loader_resume's (torchvision: none here).
+    # torchvision shard workers: their resume is test_loader_resume's (none here, to save their start-up).
     workers = 0 if (backend, source) == ("torchvision", "shards") else 1
     config = TrainConfig(data=str(data), backend=backend, scales=(32, 48), batch_size=8, workers=workers,
                          epochs=2, consistency_weight=0.5)

@@ -20,12 +20,11 @@ import pytest
 import torch
 
 from conftest import make_jpeg_folder
-from multiscale_dali.data.discovery import DatasetSplits, SplitFiles
-from multiscale_dali.data.shards import pack_dataset
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.pipelines.spec import Loader, LoaderSpec, ShardSource
 from multiscale_dali.pipelines.factory import build_loader, dali_installed
 from multiscale_dali.pipelines.schedule import ScaleSchedule, constant_schedule, stepwise_schedule
+from shard_helpers import pack_one_class_per_image
 
 BACKENDS = [
     pytest.param("dali", marks=pytest.mark.skipif(not dali_installed(), reason="needs DALI")),
@@ -48,23 +47,12 @@ def files_and_labels(tmp_path: Path) -> tuple[list[str], list[int]]:
     return make_jpeg_folder(tmp_path / "images", classes=2, per_class=5)
 
 
-def _pack_one_class_per_image(root: Path, count: int) -> ShardSource:
-    """``count`` images packed as ``count`` classes, so a label names its sample; ~2 samples a tar."""
-    files, _ = make_jpeg_folder(root / "images", classes=count, per_class=1)
-    empty = SplitFiles(files=(), labels=())
-    splits = DatasetSplits(root=str(root / "images"), classes=tuple(f"class_{k:02d}" for k in range(count)),
-                           train=SplitFiles(files=tuple(files), labels=tuple(range(count))), val=empty, test=empty,
-                           explicit_splits=False)
-    manifest = pack_dataset(splits=splits, out=root / "pack", seed=1, shard_bytes=8 * 1024, workers=1)
-    assert len(manifest.split("train").shards) > 2  # reader blocks and batches cross tar boundaries
-    # A buffer smaller than the split, so the buffer shuffle (not only the pack's order) is resumed.
-    return ShardSource(manifest=manifest, split="train", shuffle_buffer=4)
-
-
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, ShardSource]:
     root = tmp_path_factory.mktemp("resume-packs")
-    return {count: _pack_one_class_per_image(root / str(count), count) for count in (10, 13)}
+    # A buffer smaller than the split, so the buffer shuffle (not only the pack's order) is resumed.
+    return {count: ShardSource(manifest=pack_one_class_per_image(root / str(count), count), split="train",
+                               shuffle_buffer=4) for count in (10, 13)}
 
 
 @pytest.fixture(params=SOURCES)
@@ -333,7 +321,8 @@ def test_a_state_of_one_source_is_refused_by_a_loader_of_another(files_and_label
 
 def test_torchvision_shard_workers_resume_mid_epoch_exactly(packs, tmp_path):
     # Two worker processes: each makes every other batch, and a resume skips each one's own share.
-    spec = _spec({"files": (), "labels": (), "shards": packs[13]}, MULTISCALE, num_workers=2, batch_size=2)
+    spec = _spec({"files": (), "labels": (), "shards": packs[13]}, MULTISCALE, num_workers=2, batch_size=2,
+                 drop_last=True)  # 13 samples: the partial seventh batch is left out
     expected = [(e, s, b) for loader in [build_loader(spec, backend="torchvision")]
                 for e in range(2) for s, b in enumerate(loader.epoch(e), start=1)]
     interrupted = build_loader(spec, backend="torchvision")

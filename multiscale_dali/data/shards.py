@@ -181,24 +181,16 @@ def pack_dataset(
     total = sum(1 for f in all_files if reports[os.path.abspath(f)].ok)
     packer = _Packer(out=out, shard_bytes=shard_bytes, workers=workers, total=total, on_progress=on_progress)
     split_shards = tuple(_pack_split(packer, splits, name, reports, seed=seed) for name in SPLIT_NAMES)
-    counts = result.counts()
+    scan = PackScanSummary(
+        max_pixels=max_pixels,
+        counts=tuple(sorted((k, result.counts()[k]) for k in (KIND_OK, KIND_CONVERTED, KIND_BAD))),
+        skipped=tuple(SkippedFile(path=r.path, reason=r.reason) for r in result.bad),
+        reencoded=tuple(packer.reencoded),
+    )
     manifest = Manifest(
-        directory=out,
-        format_version=FORMAT_VERSION,
-        msdali_version=__version__,
-        seed=int(seed),
-        classes=tuple(splits.classes),
-        task=task,
-        source_root=splits.root,
-        explicit_splits=splits.explicit_splits,
-        shard_bytes=shard_bytes,
-        splits=split_shards,
-        scan=PackScanSummary(
-            max_pixels=max_pixels,
-            counts=tuple(sorted((k, counts[k]) for k in (KIND_OK, KIND_CONVERTED, KIND_BAD))),
-            skipped=tuple(SkippedFile(path=r.path, reason=r.reason) for r in result.bad),
-            reencoded=tuple(packer.reencoded),
-        ),
+        directory=out, format_version=FORMAT_VERSION, msdali_version=__version__, seed=int(seed),
+        classes=tuple(splits.classes), task=task, source_root=splits.root, explicit_splits=splits.explicit_splits,
+        shard_bytes=shard_bytes, splits=split_shards, scan=scan,
         split_fractions=None if split_fractions is None else tuple(float(f) for f in split_fractions),
     )
     # Last, and atomically: its presence is what marks the pack complete.

@@ -127,6 +127,7 @@ class ShardIterableDataset(IterableDataset):
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         decode: bool = False,
         batch_size: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         info = manifest.split(split)
@@ -147,6 +148,8 @@ class ShardIterableDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.decode = decode
         self.batch_size = batch_size
+        # With batch_size: the rank's last batch, when partial, is left out before it is decoded.
+        self.drop_last = drop_last and batch_size is not None
         self._num_classes = manifest.num_classes
         self._num_samples = info.samples
         self._tars = tuple(manifest.directory / s.name for s in info.shards)
@@ -189,14 +192,16 @@ class ShardIterableDataset(IterableDataset):
                                      batch_size=self.batch_size)
         skip = 0 if self.batch_size is None else self.batch_size * worker_skip(
             skip_batches, worker_id=worker_id, num_workers=num_workers)
+        end = len(positions) - (len(positions) % self.batch_size if self.drop_last else 0)
         if not self.train:
-            positions, skip = positions[skip:], 0
+            positions, skip, end = positions[skip:end], 0, None
         samples = self._read(positions)
         if self.train:
             # The shuffle of a resumed epoch must see the whole stream to draw what it drew before;
-            # the skipped samples are read (bytes only) and dropped before any decode.
+            # the skipped samples, and those of a dropped last batch (random ones, as with a
+            # folder), are read (bytes only) and dropped before any decode.
             rng = np.random.default_rng([self.seed, epoch, self.shard_id, worker_id])
-            samples = itertools.islice(_buffer_shuffle(samples, self.shuffle_buffer, rng), skip, None)
+            samples = itertools.islice(_buffer_shuffle(samples, self.shuffle_buffer, rng), skip, end)
         for sample in samples:
             yield sample._replace(image=decode_jpeg_rgb(sample.image)) if self.decode else sample
 
