@@ -9,6 +9,7 @@ from pathlib import Path
 from conftest import make_jpeg_folder
 from multiscale_dali.data.discovery import DatasetSplits, SplitFiles
 from multiscale_dali.data.shard_format import Manifest
+from multiscale_dali.data.shards import pack_dataset
 
 # Three classes of eleven JPEGs (about 1-2 KB each): 33 samples; 16 KiB shards hold three samples
 # each, so every split spans several tars and reader blocks cross tar boundaries.
@@ -48,3 +49,16 @@ def read_split(manifest: Manifest, split: str) -> list[PackedSample]:
                                             label=int(archive.extractfile(cls).read()),
                                             label_raw=archive.extractfile(lbl).read(), shard=path.name))
     return samples
+
+
+def pack_one_class_per_image(root: Path, count: int) -> Manifest:
+    """``count`` images packed into a train split as ``count`` classes, so a label names its sample;
+    about two samples per tar, so reader blocks and batches cross tar boundaries."""
+    files, _ = make_jpeg_folder(root / "images", classes=count, per_class=1)
+    empty = SplitFiles(files=(), labels=())
+    splits = DatasetSplits(root=str(root / "images"), classes=tuple(f"class_{k:02d}" for k in range(count)),
+                           train=SplitFiles(files=tuple(files), labels=tuple(range(count))), val=empty, test=empty,
+                           explicit_splits=False)
+    manifest = pack_dataset(splits=splits, out=root / "pack", seed=1, shard_bytes=8 * 1024, workers=1)
+    assert len(manifest.split("train").shards) > 2
+    return manifest

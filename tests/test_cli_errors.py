@@ -32,7 +32,8 @@ from multiscale_dali.training.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "multiscale_dali" / "cli"
-COMMANDS = ("train", "evaluate", "predict", "export", "finetune-res", "scan", "benchmark", "plot", "models", "recipes")
+COMMANDS = ("train", "evaluate", "predict", "export", "finetune-res", "scan", "pack", "benchmark", "plot", "models",
+            "recipes")
 MAX_FUNCTION_LINES = 60
 
 

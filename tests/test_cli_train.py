@@ -209,12 +209,26 @@ def test_dali_backend_without_dali_names_the_flag_and_the_install(tmp_path, imag
     assert result.exit_code == 2 and "--backend" in result.output and "nvidia-dali-cuda120" in result.output
 
 
-@pytest.mark.parametrize("backend, accum_steps", [
-    ("torchvision", 1), pytest.param("dali", 1, marks=BACKENDS[1].marks),
-    pytest.param("dali", 2, id="dali-accumulating-2", marks=BACKENDS[1].marks)])
-def test_sigterm_mid_epoch_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, image_root, backend, accum_steps):
+@pytest.fixture(scope="module")
+def packed_root(image_root, tmp_path_factory) -> Path:
+    """``image_root`` packed into shards of a few images each."""
+    out = tmp_path_factory.mktemp("packed") / "pack"
+    result = CliRunner().invoke(main, ["pack", "--data", str(image_root), "--out", str(out), "--shard-size", "16KB"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("backend, source, accum_steps", [
+    ("torchvision", "folder", 1), pytest.param("dali", "folder", 1, marks=BACKENDS[1].marks),
+    ("torchvision", "shards", 1), pytest.param("dali", "shards", 1, marks=BACKENDS[1].marks),
+    pytest.param("dali", "folder", 2, id="dali-folder-accumulating-2", marks=BACKENDS[1].marks)])
+def test_sigterm_mid_epoch_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, request, backend, source,
+                                                                           accum_steps):
     """With 2 micro-batches a step, step 3 ends half way through epoch 2 (4 batches an epoch)."""
-    config = TrainConfig(data=str(image_root), backend=backend, scales=(32, 48), batch_size=8, workers=1,
+    data = request.getfixturevalue("image_root" if source == "folder" else "packed_root")
+    # torchvision shard workers: their resume is test_loader_resume's (none here, to save their start-up).
+    workers = 0 if (backend, source) == ("torchvision", "shards") else 1
+    config = TrainConfig(data=str(data), backend=backend, scales=(32, 48), batch_size=8, workers=workers,
                          epochs=2, consistency_weight=0.5, accum_steps=accum_steps)
     run_training(config.replace(out=str(tmp_path / "full")))
 

@@ -1,5 +1,6 @@
 """Exact resume: a run interrupted at a step boundary and resumed by a new loader from its
-``state_dict`` sees bit-identical remaining batches (pixels, labels, order), on both backends.
+``state_dict`` sees bit-identical remaining batches (pixels, labels, order), on both backends and
+both sources (a folder's files, a pack's shards).
 
 Every resumed loader is built from scratch and fed a state that went through ``torch.save`` and
 ``torch.load(weights_only=True)``, as a training checkpoint would; nothing but the state carries over.
@@ -20,9 +21,10 @@ import torch
 
 from conftest import make_jpeg_folder
 from multiscale_dali.pipelines.batch import MultiScaleBatch
-from multiscale_dali.pipelines.spec import Loader, LoaderSpec
+from multiscale_dali.pipelines.spec import Loader, LoaderSpec, ShardSource
 from multiscale_dali.pipelines.factory import build_loader, dali_installed
 from multiscale_dali.pipelines.schedule import ScaleSchedule, constant_schedule, stepwise_schedule
+from shard_helpers import pack_one_class_per_image
 
 BACKENDS = [
     pytest.param("dali", marks=pytest.mark.skipif(not dali_installed(), reason="needs DALI")),
@@ -37,16 +39,39 @@ Position = tuple[int, int]  # (epoch, batches of it consumed)
 Record = tuple[int, int, MultiScaleBatch]  # (epoch, step, batch)
 
 
+SOURCES = ["folder", "shards"]
+
+
 @pytest.fixture
 def files_and_labels(tmp_path: Path) -> tuple[list[str], list[int]]:
     return make_jpeg_folder(tmp_path / "images", classes=2, per_class=5)
 
 
-def _spec(files_and_labels, schedule: ScaleSchedule, **overrides) -> LoaderSpec:
-    files, labels = files_and_labels
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, ShardSource]:
+    root = tmp_path_factory.mktemp("resume-packs")
+    # A buffer smaller than the split, so the buffer shuffle (not only the pack's order) is resumed.
+    return {count: ShardSource(manifest=pack_one_class_per_image(root / str(count), count), split="train",
+                               shuffle_buffer=4) for count in (10, 13)}
+
+
+@pytest.fixture(params=SOURCES)
+def samples(request, tmp_path: Path, packs) -> dict[str, Any]:
+    """Ten samples as ``LoaderSpec`` source fields: a folder's files, or the same kind of images packed."""
+    if request.param == "shards":
+        return {"files": (), "labels": (), "shards": packs[10]}
+    return {"files": tuple(make_jpeg_folder(tmp_path / "images", classes=2, per_class=5)[0])}
+
+
+def _spec(source, schedule: ScaleSchedule, **overrides) -> LoaderSpec:
+    """``source``: ``(files, labels)`` or the source fields of the ``samples`` fixture."""
+    if not isinstance(source, dict):
+        source = {"files": tuple(source[0])}
+    if "shards" not in source:
+        # one label per file, so labels show the sample order
+        source = {**source, "labels": tuple(range(len(source["files"])))}
     args: dict[str, Any] = dict(
-        files=tuple(files),
-        labels=tuple(range(len(files))),  # one label per file, so labels show the sample order
+        **source,
         schedule=schedule,
         batch_size=3,
         train=True,
@@ -135,9 +160,9 @@ def _index_after(records: list[Record], position: Position) -> int:
     ids=["mid_epoch", "last_batch_held", "epoch_finished"],
 )
 def test_resumed_train_loader_yields_the_remaining_batches_bit_for_bit(
-    files_and_labels, tmp_path, backend, schedule, stop, hold_last
+    samples, tmp_path, backend, schedule, stop, hold_last
 ):
-    spec = _spec(files_and_labels, schedule)
+    spec = _spec(samples, schedule)
     assert spec.steps_per_epoch == STEPS
     expected = _uninterrupted(backend, spec)
     orders = [torch.cat([b.labels for e, _, b in expected if e == epoch]).tolist() for epoch in range(EPOCHS)]
@@ -166,9 +191,16 @@ torch.save([(e, s, dict(b.images), b.labels, getattr(b, "valid", None)) for e, s
 """
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_in_a_new_process_matches_the_uninterrupted_run(files_and_labels, tmp_path, backend):
-    spec = _spec(files_and_labels, PROGRESSIVE)
+# A torchvision state is only a position (its new-process resume is the folder case's), while a
+# DALI state carries DALI's own checkpoint of its reader, so the packed case runs for DALI only.
+NEEDS_DALI = pytest.mark.skipif(not dali_installed(), reason="needs DALI")
+
+
+@pytest.mark.parametrize("backend, source", [pytest.param("dali", "folder", marks=NEEDS_DALI), ("torchvision", "folder"),
+                                             pytest.param("dali", "shards", marks=NEEDS_DALI)])
+def test_resume_in_a_new_process_matches_the_uninterrupted_run(files_and_labels, packs, tmp_path, backend, source):
+    spec = _spec(files_and_labels if source == "folder" else {"files": (), "labels": (), "shards": packs[10]},
+                 PROGRESSIVE)
     expected = _uninterrupted(backend, spec)
     interrupted = _loader(backend, spec)
     _run_until(interrupted, (1, 2))
@@ -190,11 +222,14 @@ def test_resume_in_a_new_process_matches_the_uninterrupted_run(files_and_labels,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_resumed_run_can_be_saved_and_resumed_again(tmp_path, backend):
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_resumed_run_can_be_saved_and_resumed_again(tmp_path, backend, source, packs):
     # 13 files over 3 shards pad to 15: 5 samples per shard, some of them padding, in batches of 2
-    # with the fifth dropped, so DALI also reads a batch it never hands out.
+    # with the fifth dropped, so DALI also reads a batch it never hands out. (Packed, the blocks of
+    # 4, 4 and 5 samples rotate between the ranks every epoch: rank 2 pads in epoch 1, not in 0.)
     files = make_jpeg_folder(tmp_path / "images", classes=1, per_class=13)
-    spec = _spec(files, PROGRESSIVE, num_shards=3, shard_id=2, drop_last=True, batch_size=2)
+    spec = _spec(files if source == "folder" else {"files": (), "labels": (), "shards": packs[13]}, PROGRESSIVE,
+                 num_shards=3, shard_id=2, drop_last=True, batch_size=2)
     assert spec.steps_per_epoch == 2
     expected = _uninterrupted(backend, spec)
 
@@ -216,8 +251,8 @@ def test_a_resumed_run_can_be_saved_and_resumed_again(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resumed_eval_loader_yields_the_rest_of_its_epoch(files_and_labels, tmp_path, backend):
-    spec = _spec(files_and_labels, PROGRESSIVE, train=False)
+def test_resumed_eval_loader_yields_the_rest_of_its_epoch(samples, tmp_path, backend):
+    spec = _spec(samples, PROGRESSIVE, train=False)
     expected = _uninterrupted(backend, spec)
     interrupted = _loader(backend, spec)
     _run_until(interrupted, (1, 3))
@@ -271,3 +306,30 @@ def test_state_dict_before_any_epoch_and_epochs_before_the_resumed_one_are_error
     with pytest.raises(ValueError, match="resumes at epoch 2"):
         resumed.epoch(1)
     resumed.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_of_one_source_is_refused_by_a_loader_of_another(files_and_labels, packs, backend):
+    shards = {"files": (), "labels": (), "shards": packs[10]}
+    shard_state = _state_after_one_batch(backend, _spec(shards, MULTISCALE))
+    with pytest.raises(ValueError, match="reads a packed directory, this loader reads files"):
+        _loader(backend, _spec(files_and_labels, MULTISCALE)).load_state_dict(shard_state)
+    other_buffer = {**shards, "shards": dataclasses.replace(packs[10], shuffle_buffer=5)}
+    with pytest.raises(ValueError, match="shards="):
+        _loader(backend, _spec(other_buffer, MULTISCALE)).load_state_dict(shard_state)
+
+
+def test_torchvision_shard_workers_resume_mid_epoch_exactly(packs, tmp_path):
+    # Two worker processes: each makes every other batch, and a resume skips each one's own share.
+    spec = _spec({"files": (), "labels": (), "shards": packs[13]}, MULTISCALE, num_workers=2, batch_size=2,
+                 drop_last=True)  # 13 samples: the partial seventh batch is left out
+    expected = [(e, s, b) for loader in [build_loader(spec, backend="torchvision")]
+                for e in range(2) for s, b in enumerate(loader.epoch(e), start=1)]
+    interrupted = build_loader(spec, backend="torchvision")
+    _run_until(interrupted, (1, 3))
+    state = _save_and_load(interrupted.state_dict(), tmp_path / "loader.pt")
+    interrupted.close()
+    resumed = build_loader(spec, backend="torchvision")
+    resumed.load_state_dict(state)
+    records = [(1, s, b) for s, b in enumerate(resumed.epoch(1), start=4)]
+    _assert_identical(records, expected[_index_after(expected, (1, 3)):])

@@ -105,3 +105,35 @@ def test_train_outputs_share_the_contract_but_not_the_random_draws(jpeg_folder):
         for db, tb in zip(d, t):
             assert db.scales == tb.scales and db.labels.shape == tb.labels.shape
             assert all(db.images[s].shape == tb.images[s].shape for s in db.scales)
+
+
+def _pack_into_val(tmp_path, files, labels):
+    """``files`` as the val split of a pack (a few go to train, which the test does not read)."""
+    from multiscale_dali.data.discovery import DatasetSplits, SplitFiles
+    from multiscale_dali.data.shards import pack_dataset
+
+    splits = DatasetSplits(root=str(tmp_path), classes=tuple(f"class_{k}" for k in range(max(labels) + 1)),
+                           train=SplitFiles(files=tuple(files[:2]), labels=tuple(labels[:2])),
+                           val=SplitFiles(files=tuple(files), labels=tuple(labels)),
+                           test=SplitFiles(files=(), labels=()), explicit_splits=True)
+    return pack_dataset(splits=splits, out=tmp_path / "pack", seed=5, shard_bytes=16 * 1024, workers=1)
+
+
+def test_eval_outputs_on_a_pack_match_as_on_folders(tmp_path):
+    from multiscale_dali.pipelines.spec import ShardSource
+    from multiscale_dali.pipelines.torchvision_shards import TorchvisionShardLoader
+
+    files, labels = make_jpeg_folder(tmp_path / "images", classes=3, per_class=3)  # 9: uneven last batch
+    manifest = _pack_into_val(tmp_path, files, labels)
+    source = ShardSource(manifest=manifest, split="val")
+    for shard_id in range(2):
+        # Two DataLoader workers: their batches still come out in the pack's order, as DALI reads it.
+        spec = _spec((), (), shards=source, num_shards=2, shard_id=shard_id, num_workers=2)
+        dali = run_loader(DaliLoader, spec, [0, 1])
+        tv = run_loader(TorchvisionShardLoader, spec, [0, 1])
+        for d, t in zip(dali, tv):
+            assert len(d) == len(t) == spec.steps_per_epoch
+            _assert_same_contract(d, t)
+            _assert_pixels_close(d, t)
+            assert [getattr(b, "valid", None) is None for b in d] == [getattr(b, "valid", None) is None for b in t]
+        assert [b.labels.tolist() for b in dali[0]] == [b.labels.tolist() for b in dali[1]]  # eval: every epoch alike

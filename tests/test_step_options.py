@@ -111,7 +111,7 @@ def test_the_learning_rate_schedule_counts_optimizer_steps():
     net = build_model("tiny_cnn", num_outputs=1)
     trainer = build_trainer(config, net, task="binary", schedule=constant_schedule((16,)),
                             optimizer=torch.optim.SGD(net.parameters(), lr=0.1), steps_per_epoch=7,
-                            context=DistributedContext())
+                            context=DistributedContext(), num_classes=2)
     events = []
     for epoch in range(2):
         trainer.train_epoch([_batch(2, seed=i, scales=(16,), classes=2) for i in range(7)], epoch,

@@ -1,7 +1,7 @@
 """``msdali``: the command group, its logging set-up, and the one place user errors become messages.
 
 Each command lives in a module of its own (train, evaluate, predict, export, finetune-res, scan,
-benchmark, plot, models, recipes); this module only registers them. ``multiscale_dali.cli.main:main`` is the entry point.
+pack, benchmark, plot, models, recipes); this module only registers them. ``multiscale_dali.cli.main:main`` is the entry point.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from multiscale_dali.cli.evaluate import evaluate
 from multiscale_dali.cli.export import export
 from multiscale_dali.cli.finetune_res import finetune_res
 from multiscale_dali.cli.models import models
+from multiscale_dali.cli.pack import pack
 from multiscale_dali.cli.plot import plot
 from multiscale_dali.cli.predict import predict
 from multiscale_dali.cli.recipes import recipes
@@ -52,5 +53,5 @@ def main(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
-for _command in (train, evaluate, predict, export, finetune_res, scan, benchmark, plot, models, recipes):
+for _command in (train, evaluate, predict, export, finetune_res, scan, pack, benchmark, plot, models, recipes):
     main.add_command(_command)

@@ -1,4 +1,4 @@
-"""``msdali scan``: check every file by content before training, and say what is bad."""
+"""``msdali scan``: check every file by content before training, and say what is bad; verify a pack."""
 
 from __future__ import annotations
 
@@ -11,9 +11,28 @@ from multiscale_dali.cli.progress import bars_enabled
 from multiscale_dali.data.discovery import DataError
 
 
+def _verify_if_packed(root: Path) -> bool:
+    """Deep-verify ``root`` when it is a pack (a damaged one raises ``ShardError``); False for a folder."""
+    from multiscale_dali.data.packed import is_packed_dir, load_packed
+    from multiscale_dali.data.shard_verify import verify_shards
+    from multiscale_dali.reporting.progress import CountProgress
+
+    if not is_packed_dir(root):
+        return False
+    manifest = load_packed(root).manifest
+    with CountProgress(desc="verify", unit="shard", enabled=bars_enabled()) as progress:
+        result = verify_shards(manifest, deep=True, on_progress=progress)
+    click.echo(f"pack {root}: {result.shards} shard(s), {result.samples} samples verified against "
+               f"{root / 'manifest.json'} (checksums, members, keys, labels)")
+    if manifest.scan.skipped:
+        click.echo(f"{len(manifest.scan.skipped)} bad file(s) of {manifest.source_root} were left out when it was packed")
+    return True
+
+
 @click.command()
 @click.option("--data", type=click.Path(file_okay=False), default=None,
-              help="Folder to scan (every file under it). Default: the embedded texture photos.")
+              help="Folder to scan (every file under it), or a packed directory to verify. "
+                   "Default: the embedded texture photos.")
 @click.option("--max-image-pixels", type=int, default=None, help="Decompression-bomb cap, from the header.")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="Also write the full report as JSON here.")
@@ -22,6 +41,9 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
 
     Exit code 1 when a bad image is found. Results are cached per file (size, mtime), so a
     second scan of unchanged files decodes nothing; `msdali train` runs the same scan.
+
+    A packed directory (from `msdali pack`) is verified instead: every shard's checksum, members,
+    keys and labels against its manifest; a problem is one line naming the shard and key (exit 2).
     """
     from multiscale_dali.data.scan import DEFAULT_MAX_PIXELS, scan_tree
     from multiscale_dali.fileio import atomic_write_text
@@ -32,6 +54,8 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
     root = Path(data) if data else dataset_root(TrainConfig())
     if not root.is_dir():
         raise DataError(f"{root} is not a directory")
+    if _verify_if_packed(root):
+        return
     with CountProgress(desc="scan", unit="file", enabled=bars_enabled()) as progress:
         result = scan_tree(root, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS, cache_path=scan_cache_path(root),
                            on_progress=progress)

@@ -65,6 +65,7 @@ __all__ = [
     "index_text",
     "parse_index",
     "TAR_BLOCK",
+    "DEFAULT_SHUFFLE_BUFFER",
 ]
 
 FORMAT_NAME = "msdali-shards"
@@ -74,6 +75,9 @@ MANIFEST_FILE = "manifest.json"
 IMAGE_EXT, LABEL_TEXT_EXT, LABEL_RAW_EXT = "jpg", "cls", "lbl"
 MEMBER_EXTS: tuple[str, str, str] = (IMAGE_EXT, LABEL_TEXT_EXT, LABEL_RAW_EXT)
 LABEL_RAW_BYTES = 8  # one little-endian int64
+# Samples a training reader holds for its buffer shuffle (DALI's initial_fill, the torchvision
+# reader's buffer): DALI's own default, a few MB of small JPEGs, about 100 MB of ImageNet-sized ones.
+DEFAULT_SHUFFLE_BUFFER = 1024
 
 TAR_BLOCK = tarfile.BLOCKSIZE  # 512: every header and every data area is a multiple of it
 # The version wds2idx (DALI's own index tool) writes: "v1.2 <samples>", then one line per sample
@@ -270,6 +274,9 @@ class Manifest:
     shard_bytes: int
     splits: tuple[SplitShards, ...]
     scan: PackScanSummary
+    # The train/val/test fractions the source was split with (None in packs of msdali before they
+    # were recorded): with ``seed`` they rebuild the very splits from the source folder.
+    split_fractions: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         names = tuple(s.name for s in self.splits)
@@ -305,7 +312,8 @@ class Manifest:
             "seed": self.seed,
             "classes": list(self.classes),
             "task": self.task,
-            "source": {"root": self.source_root, "explicit_splits": self.explicit_splits},
+            "source": {"root": self.source_root, "explicit_splits": self.explicit_splits,
+                       "split_fractions": None if self.split_fractions is None else list(self.split_fractions)},
             "shard_bytes": self.shard_bytes,
             "members": {"image": IMAGE_EXT, "label_text": LABEL_TEXT_EXT, "label_int64": LABEL_RAW_EXT},
             "splits": {
@@ -357,6 +365,7 @@ def manifest_from_dict(data: Mapping[str, Any], directory: Path) -> Manifest:
             task=None if data.get("task") is None else str(data["task"]),
             source_root=str(data["source"]["root"]),
             explicit_splits=bool(data["source"]["explicit_splits"]),
+            split_fractions=_fractions(data["source"].get("split_fractions")),
             shard_bytes=int(data["shard_bytes"]),
             splits=tuple(
                 SplitShards(
@@ -379,6 +388,10 @@ def manifest_from_dict(data: Mapping[str, Any], directory: Path) -> Manifest:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShardError(f"{source} is malformed: {type(exc).__name__}: {exc}") from None
+
+
+def _fractions(value: Any) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value)
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:

@@ -23,7 +23,7 @@ import logging
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,10 +55,14 @@ class VerifyResult:
     deep: bool
 
 
-def verify_shards(manifest: Manifest, *, deep: bool) -> VerifyResult:
-    """Check every shard of ``manifest`` (see the module docstring for what each depth covers)."""
+def verify_shards(manifest: Manifest, *, deep: bool, on_progress: Callable[[int, int], None] | None = None,
+                  splits: Sequence[str] | None = None) -> VerifyResult:
+    """Check every shard of ``manifest`` (see the module docstring for what each depth covers);
+    ``on_progress(done, total)`` counts the shards checked; ``splits`` limits the check to those."""
     shards = samples = 0
-    for split in manifest.splits:
+    chosen = [split for split in manifest.splits if splits is None or split.name in splits]
+    total = sum(len(split.shards) for split in chosen)
+    for split in chosen:
         counts = np.zeros(manifest.num_classes, dtype=np.int64)
         first = 0
         for shard in split.shards:
@@ -69,6 +73,8 @@ def verify_shards(manifest: Manifest, *, deep: bool) -> VerifyResult:
             first += shard.samples
             shards += 1
             samples += shard.samples
+            if on_progress is not None:
+                on_progress(shards, total)
         if deep and tuple(int(c) for c in counts) != split.class_counts:
             raise ShardError(f"{manifest.directory}: split {split.name} holds class counts {counts.tolist()}, "
                              f"the manifest says {list(split.class_counts)}")

@@ -104,6 +104,8 @@ __all__ = [
     "verify_shards",
     "is_packed_dir",
     "loader_rgb",
+    "PackOutputError",
+    "pack_differences",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,10 @@ ProgressCallback = Callable[[str, int, int], None]
 """``on_progress(stage, done, total)``: stage ``"scan"`` (files decoded) then ``"pack"`` (samples written)."""
 
 
+class PackOutputError(ShardError, flag="--out"):
+    """The output directory of a pack cannot take it (not empty, or another pack)."""
+
+
 @dataclass(frozen=True)
 class _Sample:
     key: str
@@ -145,6 +151,7 @@ def pack_dataset(
     task: str | None = None,
     scan_cache: str | os.PathLike[str] | None = None,
     on_progress: ProgressCallback | None = None,
+    split_fractions: Sequence[float] | None = None,
 ) -> Manifest:
     """Pack the three splits of ``splits`` into ``out`` and return the manifest written there.
 
@@ -153,7 +160,9 @@ def pack_dataset(
     listing the bad files, before anything is written) or ``"skip"`` (left out, listed in the
     manifest); ``max_pixels`` and ``workers`` are the scan's (``workers`` threads also read and
     re-encode); ``task`` (one of ``TASKS``, or None) is stored as given; ``scan_cache`` is the
-    scan's verdict cache file; ``on_progress`` follows the scan, then the packing.
+    scan's verdict cache file; ``on_progress`` follows the scan, then the packing;
+    ``split_fractions`` (the fractions ``splits`` was made with) is recorded, so that the folder's
+    splits can be rebuilt from the manifest (``benchmark`` compares the two).
     """
     _check_options(seed=seed, shard_bytes=shard_bytes, on_bad_file=on_bad_file, workers=workers, task=task)
     out = Path(os.path.abspath(os.fspath(out)))
@@ -172,24 +181,17 @@ def pack_dataset(
     total = sum(1 for f in all_files if reports[os.path.abspath(f)].ok)
     packer = _Packer(out=out, shard_bytes=shard_bytes, workers=workers, total=total, on_progress=on_progress)
     split_shards = tuple(_pack_split(packer, splits, name, reports, seed=seed) for name in SPLIT_NAMES)
-    counts = result.counts()
+    scan = PackScanSummary(
+        max_pixels=max_pixels,
+        counts=tuple(sorted((k, result.counts()[k]) for k in (KIND_OK, KIND_CONVERTED, KIND_BAD))),
+        skipped=tuple(SkippedFile(path=r.path, reason=r.reason) for r in result.bad),
+        reencoded=tuple(packer.reencoded),
+    )
     manifest = Manifest(
-        directory=out,
-        format_version=FORMAT_VERSION,
-        msdali_version=__version__,
-        seed=int(seed),
-        classes=tuple(splits.classes),
-        task=task,
-        source_root=splits.root,
-        explicit_splits=splits.explicit_splits,
-        shard_bytes=shard_bytes,
-        splits=split_shards,
-        scan=PackScanSummary(
-            max_pixels=max_pixels,
-            counts=tuple(sorted((k, counts[k]) for k in (KIND_OK, KIND_CONVERTED, KIND_BAD))),
-            skipped=tuple(SkippedFile(path=r.path, reason=r.reason) for r in result.bad),
-            reencoded=tuple(packer.reencoded),
-        ),
+        directory=out, format_version=FORMAT_VERSION, msdali_version=__version__, seed=int(seed),
+        classes=tuple(splits.classes), task=task, source_root=splits.root, explicit_splits=splits.explicit_splits,
+        shard_bytes=shard_bytes, splits=split_shards, scan=scan,
+        split_fractions=None if split_fractions is None else tuple(float(f) for f in split_fractions),
     )
     # Last, and atomically: its presence is what marks the pack complete.
     atomic_write_text(out / MANIFEST_FILE, manifest.to_json())
@@ -250,7 +252,7 @@ def _owned(name: str) -> bool:
 
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ShardError(f"pack output {out} exists and is not a directory")
+        raise PackOutputError(f"pack output {out} exists and is not a directory")
     if not out.exists():
         return
     foreign = sorted(e.name for e in os.scandir(out) if not (e.is_file(follow_symlinks=False) and _owned(e.name)))
@@ -258,8 +260,30 @@ def _check_out_dir(out: Path) -> None:
         foreign.insert(0, f"{MANIFEST_FILE} of another tool")
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise ShardError(f"pack output {out} is not empty and is not an msdali pack (it holds {shown}); "
+        raise PackOutputError(f"pack output {out} is not empty and is not an msdali pack (it holds {shown}); "
                          f"pack into a new or empty directory")
+
+
+def pack_differences(out: str | os.PathLike[str], *, source_root: str, seed: int,
+                     split_fractions: Sequence[float] | None, shard_bytes: int) -> list[str]:
+    """What differs between the complete pack in ``out`` and a pack with these settings.
+
+    Empty when ``out`` holds no complete pack (nothing to protect: an unfinished pack is restarted)
+    or one made from the same source with the same settings (packing again refreshes it). The
+    caller decides whether replacing a different pack needs the user's word.
+    """
+    if not is_packed_dir(out):
+        return []
+    try:
+        existing = load_manifest(out)
+    except ShardError as err:
+        return [f"its manifest does not load ({err})"]
+    fractions = None if split_fractions is None else tuple(float(f) for f in split_fractions)
+    wanted = {"source": os.path.abspath(source_root), "seed": int(seed), "split fractions": fractions,
+              "shard bytes": int(shard_bytes)}
+    held = {"source": os.path.abspath(existing.source_root), "seed": existing.seed,
+            "split fractions": existing.split_fractions, "shard bytes": existing.shard_bytes}
+    return [f"{name} {held[name]} (now {wanted[name]})" for name in wanted if held[name] != wanted[name]]
 
 
 def _clear_owned(out: Path) -> None:

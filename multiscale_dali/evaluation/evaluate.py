@@ -35,6 +35,7 @@ from torch import nn
 
 from multiscale_dali.constants import TTA_CHOICES, Backend, Tta
 from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
+from multiscale_dali.data.packed import PackedSplit, PackedSplits, is_packed_dir, load_packed
 from multiscale_dali.evaluation.batchnorm import recalibrate_batchnorm
 from multiscale_dali.evaluation.model import LoadedModel, load_model
 from multiscale_dali.evaluation.predict import ImageError, default_predict_scales, predict_images
@@ -88,14 +89,17 @@ def resolve_data_root(loaded: LoadedModel, data: str | Path | None) -> Path:
     raise DataError(f"the run's dataset {recorded or loaded.config.data} is not here; give its location with --data")
 
 
-def load_splits(loaded: LoadedModel, root: Path) -> DatasetSplits:
+def load_splits(loaded: LoadedModel, root: Path) -> DatasetSplits | PackedSplits:
     """The run's splits of ``root``: same fractions and seed, so a carved-out split is the same one.
 
     Files the pre-flight scan finds unreadable are left out with a warning naming them (DALI cannot
-    skip a bad file mid-pass); ``num_samples`` in the report shows what was measured.
+    skip a bad file mid-pass); ``num_samples`` in the report shows what was measured. A packed
+    directory's splits are its own, checked against its manifest.
     """
     from multiscale_dali.training.run import vet_splits
 
+    if is_packed_dir(root):
+        return _packed_splits(loaded, root)
     splits = discover_dataset(root, fractions=loaded.config.split_fractions, seed=loaded.config.seed)
     if splits.classes != loaded.classes:
         raise DataError(
@@ -105,9 +109,24 @@ def load_splits(loaded: LoadedModel, root: Path) -> DatasetSplits:
     return vet_splits(splits, loaded.config.replace(on_bad_file="skip"))
 
 
-def _train_subset(train: SplitFiles, *, count: int, seed: int) -> SplitFiles:
+def _packed_splits(loaded: LoadedModel, root: Path) -> PackedSplits:
+    from multiscale_dali.data.shard_verify import verify_shards
+
+    packed = load_packed(root)
+    if packed.classes != loaded.classes:
+        raise DataError(f"the pack {root} has classes {', '.join(packed.classes)}, the checkpoint was trained on "
+                        f"{', '.join(loaded.classes)}")
+    verify_shards(packed.manifest, deep=False)
+    return packed
+
+
+def _train_subset(train: SplitFiles | PackedSplit, *, count: int, seed: int) -> SplitFiles | PackedSplit:
     """A seeded random subset: eval loaders read files in order, and files are sorted by class, so
-    the first batches of the unshuffled split would hold one class only and bias the statistics."""
+    the first batches of the unshuffled split would hold one class only and bias the statistics.
+    A packed split is stored in a seeded permutation already: its first ``count`` samples, which
+    the recalibration stops after, are the random subset."""
+    if isinstance(train, PackedSplit):
+        return train
     order = np.random.default_rng(seed + BN_SUBSET_SEED_OFFSET).permutation(len(train))[:count]
     return SplitFiles(files=tuple(train.files[i] for i in order), labels=tuple(train.labels[i] for i in order))
 
@@ -139,15 +158,18 @@ class EvalOptions:
             raise ConfigError("workers", f"must be >= 0, got {self.workers}")
 
 
-def _eval_spec(split: SplitFiles, scales: tuple[int, ...], *, options: EvalOptions, loaded: LoadedModel) -> LoaderSpec:
+def _eval_spec(split: SplitFiles | PackedSplit, scales: tuple[int, ...], *, options: EvalOptions,
+               loaded: LoadedModel) -> LoaderSpec:
+    from multiscale_dali.training.run_data import split_source
+
     return LoaderSpec(
-        files=split.files, labels=split.labels, schedule=constant_schedule(scales), batch_size=options.batch_size,
+        **split_source(split), schedule=constant_schedule(scales), batch_size=options.batch_size,
         train=False, device=str(loaded.device), seed=loaded.config.seed, num_workers=options.workers,
         channels_last=loaded.config.channels_last,
     )
 
 
-def _batches_at(split: SplitFiles, scale: int, *, options: EvalOptions, loaded: LoadedModel,
+def _batches_at(split: SplitFiles | PackedSplit, scale: int, *, options: EvalOptions, loaded: LoadedModel,
                 backend: str) -> Iterator[MultiScaleBatch]:
     """One pass over ``split`` at one scale with the eval geometry; the loader is closed after it."""
     from multiscale_dali.pipelines.factory import build_loader
@@ -159,7 +181,7 @@ def _batches_at(split: SplitFiles, scale: int, *, options: EvalOptions, loaded: 
         loader.close()
 
 
-def _recalibrated_models(loaded: LoadedModel, train: SplitFiles, scales: tuple[int, ...], *,
+def _recalibrated_models(loaded: LoadedModel, train: SplitFiles | PackedSplit, scales: tuple[int, ...], *,
                          options: EvalOptions, backend: str) -> dict[int, nn.Module]:
     """One BN-recalibrated copy of the model per scale, from the same train images at each scale."""
     subset = _train_subset(train, count=options.bn_batches * options.batch_size, seed=loaded.config.seed)
@@ -170,7 +192,7 @@ def _recalibrated_models(loaded: LoadedModel, train: SplitFiles, scales: tuple[i
             models[scale] = recalibrate_batchnorm(loaded.model, (batch.images[scale] for batch in batches),
                                                   max_batches=options.bn_batches)
     log.info("BatchNorm statistics re-estimated at %s px from %d train images", ",".join(map(str, scales)),
-             len(subset))
+             min(len(subset), options.bn_batches * options.batch_size))
     return models
 
 
@@ -188,7 +210,8 @@ def _view_logits(model: nn.Module, images: torch.Tensor, *, task: str, flip: boo
 
 
 @torch.no_grad()
-def _collect_logits(models: Mapping[str, Mapping[int, nn.Module]], split: SplitFiles, scales: tuple[int, ...], *,
+def _collect_logits(models: Mapping[str, Mapping[int, nn.Module]], split: SplitFiles | PackedSplit,
+                    scales: tuple[int, ...], *,
                     options: EvalOptions, loaded: LoadedModel, backend: str) -> tuple[Views, torch.Tensor]:
     """Logits of every (variant, tta, scale) over the whole split; one pass per scale."""
     flip = options.tta == Tta.FLIP

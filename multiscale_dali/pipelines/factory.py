@@ -45,6 +45,10 @@ def build_loader(spec: LoaderSpec, *, backend: str) -> Loader:
         from multiscale_dali.pipelines.dali.loader import DaliLoader
 
         return DaliLoader(spec)
+    if backend == Backend.TORCHVISION and spec.shards is not None:
+        from multiscale_dali.pipelines.torchvision_shards import TorchvisionShardLoader
+
+        return TorchvisionShardLoader(spec)
     if backend == Backend.TORCHVISION:
         from multiscale_dali.pipelines.torchvision_backend import TorchvisionLoader
 

@@ -61,11 +61,24 @@ def padding_mask(spec: LoaderSpec, step: int, size: int) -> torch.Tensor | None:
     Padding is the tail of :func:`padded_sample_order` (positions ``>= len(spec.files)``) whatever the
     shuffle, and shard ``k`` reads the ``k``-th contiguous block, so the position alone tells a padded
     duplicate from its original. ``None`` when the batch holds no padding (almost every batch).
+    (Shard sources pad per reader block instead: see ``shard_padding_mask``.)
     """
     first = spec.shard_id * spec.shard_size + step * spec.batch_size
-    if first + size <= len(spec.files):
+    if first + size <= spec.num_samples:
         return None
-    return torch.arange(first, first + size) < len(spec.files)
+    return torch.arange(first, first + size) < spec.num_samples
+
+
+def shard_padding_mask(real: int, batch_size: int, step: int, size: int) -> torch.Tensor | None:
+    """Which samples of batch ``step`` are real when a reader's epoch yields ``real`` real samples first.
+
+    DALI's webdataset reader pads a block only after its last real sample (``pad_last_batch``), so
+    the position in the epoch tells padding apart. ``None`` when the batch holds no padding.
+    """
+    first = step * batch_size
+    if first + size <= real:
+        return None
+    return torch.arange(first, first + size) < real
 
 
 def resume_fields(spec: LoaderSpec) -> dict[str, Any]:
@@ -75,9 +88,9 @@ def resume_fields(spec: LoaderSpec) -> dict[str, Any]:
     last-batch rule and schedule, and the same batches only for the same seed; a state saved under
     any other value would resume silently at the wrong place, so loading it is refused.
     """
-    return {
+    fields = {
         "train": spec.train,
-        "num_samples": len(spec.files),
+        "num_samples": spec.num_samples,
         "batch_size": spec.batch_size,
         "num_shards": spec.num_shards,
         "shard_id": spec.shard_id,
@@ -85,6 +98,8 @@ def resume_fields(spec: LoaderSpec) -> dict[str, Any]:
         "seed": spec.seed,
         "schedule": spec.schedule.to_dict(),
     }
+    # Only shard sources add a key, so states saved before shards existed still load.
+    return fields if spec.shards is None else fields | {"shards": spec.shards.resume_fields()}
 
 
 def loader_state(backend: str, spec: LoaderSpec, epoch: int, step: int) -> dict[str, Any]:
@@ -101,6 +116,8 @@ def check_loader_state(state: Mapping[str, Any], spec: LoaderSpec, *, backend: s
     saved = state.get("spec")
     if not isinstance(saved, Mapping):
         raise ValueError("loader state has no 'spec' fields to check it against this loader")
+    if "shards" in saved and spec.shards is None:
+        raise ValueError("loader state reads a packed directory, this loader reads files")
     for name, value in resume_fields(spec).items():
         if saved.get(name) != value:
             raise ValueError(f"loader state has {name}={saved.get(name)!r}, this loader has {name}={value!r}")

@@ -11,6 +11,9 @@ Image geometry shared by both backends (the parity test holds them to it):
   full image, no flip;
 * the crop is resized (antialiased, bilinear) to the largest scale of the epoch; every smaller
   scale is resized from that largest output, so all scales show exactly the same region.
+
+The samples come from a file list (``files``/``labels``, an ImageFolder's split) or from one split
+of a packed directory (``shards``, a :class:`ShardSource`; ``files`` and ``labels`` are then empty).
 """
 
 from __future__ import annotations
@@ -26,8 +29,42 @@ from multiscale_dali.constants import (
     DEFAULT_HW_DECODER_LOAD,
     EVAL_CROP_FRACTION,
 )
+from multiscale_dali.data.shard_format import DEFAULT_SHUFFLE_BUFFER, Manifest
 from multiscale_dali.pipelines.augment import AutoAugmentSpec
 from multiscale_dali.pipelines.schedule import ScaleSchedule
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One split of a packed directory, read in packed order (eval) or through a shuffle buffer (train).
+
+    ``shuffle_buffer`` samples are held per reader (DALI's ``initial_fill``; per DataLoader worker
+    on torchvision). A buffer shuffle is not a full permutation: a sample only moves about a buffer's
+    length from its packed place. The pack stored the split in one full seeded permutation, so
+    batches still mix classes; what stays fixed between epochs is which samples can meet in a batch
+    (neighbours in the packed order) and, with several ranks, which block of the split a rank reads
+    in a given epoch (blocks rotate between ranks every epoch).
+    """
+
+    manifest: Manifest
+    split: str
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+
+    def __post_init__(self) -> None:
+        self.manifest.split(self.split)  # raises for an unknown split name
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.split(self.split).samples
+
+    def resume_fields(self) -> dict[str, Any]:
+        """What a loader state on this source is only valid under (plain data): the shards by checksum,
+        not by path, so a pack moved or mounted elsewhere still resumes."""
+        return {"split": self.split,
+                "shards": [s.sha256 for s in self.manifest.split(self.split).shards],
+                "shuffle_buffer": self.shuffle_buffer}
 
 
 @dataclass(frozen=True)
@@ -52,12 +89,21 @@ class LoaderSpec:
     # Train only: one automatic-augmentation draw per sample on the largest scale, before the smaller
     # scales are resized from it, so every scale shows the same augmented image.
     auto_augment: AutoAugmentSpec = AutoAugmentSpec()
+    # A split of a packed directory instead of files (then files and labels are empty).
+    shards: ShardSource | None = None
 
     def __post_init__(self) -> None:
         if len(self.files) != len(self.labels):
             raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
-        if not self.files:
-            raise ValueError("a loader needs at least one file")
+        if self.shards is not None and self.files:
+            raise ValueError("a loader reads either files or shards, not both")
+        if not self.num_samples:
+            raise ValueError("a loader needs at least one file" if self.shards is None else
+                             f"split {self.shards.split} of {self.shards.manifest.directory} is empty")
+        if self.shards is not None and self.num_samples < self.num_shards:
+            # A shard reader reads a block of the split, and an empty block has nothing to pad with.
+            raise ValueError(f"split {self.shards.split} of {self.shards.manifest.directory} has "
+                             f"{self.num_samples} samples, fewer than the {self.num_shards} ranks reading it")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
@@ -68,9 +114,14 @@ class LoaderSpec:
             raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
 
     @property
+    def num_samples(self) -> int:
+        """Samples of the split, whichever the source."""
+        return len(self.files) if self.shards is None else self.shards.num_samples
+
+    @property
     def shard_size(self) -> int:
         """Samples per shard, padded so every shard has the same count (DALI's pad_last_batch)."""
-        return math.ceil(len(self.files) / self.num_shards)
+        return math.ceil(self.num_samples / self.num_shards)
 
     @property
     def steps_per_epoch(self) -> int:

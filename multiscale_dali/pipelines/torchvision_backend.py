@@ -153,19 +153,18 @@ def resize_square(image: torch.Tensor, scale: int) -> torch.Tensor:
     return F.resize(image, [scale, scale], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
 
 
-class MultiScaleImageDataset(Dataset):
-    """Map-style dataset keyed by :data:`SampleKey`; returns ``({scale: uint8 [s, s, 3]}, label)``."""
+class MultiScaleTransform:
+    """One decoded sample -> ``{scale: uint8 [s, s, 3]}``: crop and flip once, largest scale first.
+
+    Every random draw is seeded from ``(seed, epoch, index)``: ``index`` is the sample's position in
+    its split (a file's index, or a packed sample's key), so the draws do not depend on the workers.
+    """
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
         self._auto_augment = build_tv_auto_augment(spec.auto_augment)
 
-    def __len__(self) -> int:
-        return len(self.spec.files)
-
-    def __getitem__(self, key: SampleKey) -> tuple[dict[int, torch.Tensor], int]:
-        index, epoch, scales = key
-        image = load_rgb(self.spec.files[index])
+    def __call__(self, image: torch.Tensor, *, epoch: int, index: int, scales: tuple[int, ...]) -> dict[int, torch.Tensor]:
         crop, flip = self._crop_and_flip(image, epoch, index)
         largest = resize_square(crop, scales[-1])
         if flip:
@@ -175,7 +174,7 @@ class MultiScaleImageDataset(Dataset):
         # Smaller scales come from the largest output: the same region, and far fewer pixels to filter.
         outputs = {s: resize_square(largest, s) for s in scales[:-1]}
         outputs[scales[-1]] = largest
-        return {s: t.permute(1, 2, 0).contiguous() for s, t in outputs.items()}, int(self.spec.labels[index])
+        return {s: t.permute(1, 2, 0).contiguous() for s, t in outputs.items()}
 
     def _auto_augment_seed(self, epoch: int, index: int) -> int:
         # A stream of its own: turning augmentation on leaves the crops and flips of every sample as they were.
@@ -194,6 +193,22 @@ class MultiScaleImageDataset(Dataset):
         return image[:, top : top + h, left : left + w], bool(rng.random() < 0.5)
 
 
+class MultiScaleImageDataset(Dataset):
+    """Map-style dataset keyed by :data:`SampleKey`; returns ``({scale: uint8 [s, s, 3]}, label)``."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self._transform = MultiScaleTransform(spec)
+
+    def __len__(self) -> int:
+        return len(self.spec.files)
+
+    def __getitem__(self, key: SampleKey) -> tuple[dict[int, torch.Tensor], int]:
+        index, epoch, scales = key
+        image = load_rgb(self.spec.files[index])
+        return self._transform(image, epoch=epoch, index=index, scales=scales), int(self.spec.labels[index])
+
+
 class TorchvisionLoader:
     """:class:`~multiscale_dali.pipelines.spec.Loader` on a torch ``DataLoader`` (no DALI needed).
 
@@ -209,14 +224,22 @@ class TorchvisionLoader:
         self._device = torch.device(spec.device)
         self._position: tuple[int, int] | None = None  # (epoch, batches of it consumed)
         self._resume: tuple[int, int] | None = None  # loaded position, until the next epoch() call
-        self._sampler = ScheduledBatchSampler(spec)
-        self._loader: DataLoader | None = DataLoader(
-            MultiScaleImageDataset(spec),
+        self._loader: DataLoader | None = self._data_loader()
+
+    def _data_loader(self) -> DataLoader:
+        """The DataLoader of the whole run (a shard source's loader builds another one)."""
+        self._sampler = ScheduledBatchSampler(self.spec)
+        return DataLoader(
+            MultiScaleImageDataset(self.spec),
             batch_sampler=self._sampler,
-            num_workers=spec.num_workers,
+            num_workers=self.spec.num_workers,
             pin_memory=self._device.type == "cuda",
-            persistent_workers=spec.num_workers > 0,
+            persistent_workers=self.spec.num_workers > 0,
         )
+
+    def _set_epoch(self, epoch: int, first_step: int) -> None:
+        """Point the DataLoader's next iteration at ``epoch`` from batch ``first_step`` on."""
+        self._sampler.set_epoch(epoch, first_step=first_step)
 
     def __len__(self) -> int:
         return self.spec.steps_per_epoch
@@ -225,7 +248,7 @@ class TorchvisionLoader:
         if self._loader is None:
             raise RuntimeError("this TorchvisionLoader is closed")
         first_step = self._first_step(epoch)
-        self._sampler.set_epoch(epoch, first_step=first_step)
+        self._set_epoch(epoch, first_step)
         self._position = (epoch, first_step)
         # iter() now, so the sampler reads this epoch even if the caller starts consuming later.
         return self._batches(iter(self._loader), epoch, first_step)
@@ -262,11 +285,15 @@ class TorchvisionLoader:
 
     def _batches(self, batches: Iterator, epoch: int, first_step: int) -> Iterator[MultiScaleBatch]:
         scales = self.spec.schedule.scales_at(epoch)
-        for step, (images, labels) in enumerate(batches, start=first_step + 1):
+        step = first_step
+        for step, (images, labels, *valid) in enumerate(batches, start=first_step + 1):
             if sorted(images) != list(scales):
                 raise RuntimeError(f"epoch {epoch} produced scales {sorted(images)}, schedule says {list(scales)}")
-            valid = padding_mask(self.spec, step - 1, len(labels))
-            batch = to_model_batch(images, labels, self._device, channels_last=self.spec.channels_last, valid=valid)
+            # A file dataset's padding follows from the position; a shard dataset says it per sample.
+            mask = valid[0] if valid else padding_mask(self.spec, step - 1, len(labels))
+            batch = to_model_batch(images, labels, self._device, channels_last=self.spec.channels_last, valid=mask)
             # Counted before the yield: while the caller holds this batch, it has been consumed.
             self._position = (epoch, step)
             yield batch
+        if step != self.spec.steps_per_epoch:
+            raise RuntimeError(f"epoch {epoch} yielded {step} batches, the spec expects {self.spec.steps_per_epoch}")

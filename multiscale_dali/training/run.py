@@ -20,7 +20,6 @@ import torch
 from multiscale_dali.training.accumulate import optimizer_steps_per_epoch
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
 from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
-from multiscale_dali.data.discovery import DatasetSplits
 from multiscale_dali.training.distributed import (
     DistributedContext,
     check_ranks_agree,
@@ -38,7 +37,14 @@ from multiscale_dali.training.resume import (
     restore_rng_state,
     run_dir_of,
 )
-from multiscale_dali.training.run_data import RunLoaders, dataset_root, prepare_splits, scan_cache_path, vet_splits
+from multiscale_dali.training.run_data import (
+    RunLoaders,
+    RunSplits,
+    dataset_root,
+    prepare_data,
+    scan_cache_path,
+    vet_splits,
+)
 from multiscale_dali.training.run_directory import check_fresh
 from multiscale_dali.training.run_files import RunFiles
 from multiscale_dali.training.run_setup import (
@@ -200,7 +206,7 @@ class _TrainingRun:
         self.backend = resolve_backend(config.backend)
         seed_everything(config.seed)
         root = dataset_root(config)
-        self.splits: DatasetSplits = prepare_splits(config, context, root)
+        self.splits: RunSplits = prepare_data(config, context, root)
         self.task = resolve_task(self.splits.num_classes, config.task)
         self.schedule = build_schedule(config)
         resolved = {"data": str(root), "backend": self.backend, "device": str(self.device), "task": self.task,

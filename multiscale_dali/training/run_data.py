@@ -1,4 +1,9 @@
-"""The data of a run: where it lives, the pre-flight scan, splits every rank agrees on, and the loaders."""
+"""The data of a run: where it lives, the pre-flight scan, splits every rank agrees on, and the loaders.
+
+``--data`` is an ImageFolder (file lists, scanned before training) or a packed directory (detected
+by its manifest; its splits are the pack's, checked against the manifest instead of scanned: the
+pack scanned every image when it was made).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,13 @@ import logging
 import os
 from pathlib import Path
 
-from multiscale_dali.constants import SPLIT_NAMES
+from multiscale_dali.constants import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES
 from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
+from multiscale_dali.data.packed import PackedSplit, PackedSplits, check_split_fractions, is_packed_dir, load_packed
 from multiscale_dali.pipelines.augment import AutoAugmentSpec
 from multiscale_dali.pipelines.factory import build_loader
 from multiscale_dali.pipelines.schedule import ScaleSchedule, constant_schedule
-from multiscale_dali.pipelines.spec import Loader, LoaderSpec
+from multiscale_dali.pipelines.spec import Loader, LoaderSpec, ShardSource
 from multiscale_dali.training.config import TrainConfig
 from multiscale_dali.training.distributed import DistributedContext, check_ranks_agree
 
@@ -100,10 +106,46 @@ def prepare_splits(config: TrainConfig, context: DistributedContext, root: Path)
     return splits
 
 
+RunSplits = DatasetSplits | PackedSplits
+
+
+def prepare_packed(config: TrainConfig, context: DistributedContext, root: Path) -> PackedSplits:
+    """The splits of the pack at ``root``, checked against its manifest on every rank (a collective).
+
+    The check is what is cheap before a long run: every shard and index file present at its
+    recorded size, every index listing the manifest's samples (``verify_shards(deep=False)``). The
+    checksums and the labels inside the tars are ``msdali scan --data SHARDS``'s work.
+    """
+    from multiscale_dali.data.shard_verify import verify_shards
+
+    packed = load_packed(root)
+    check_split_fractions(packed.manifest, config.split_fractions, default=DEFAULT_SPLIT_FRACTIONS)
+    if config.scan:
+        verify_shards(packed.manifest, deep=False)
+    else:
+        log.warning("--no-scan: the pack in %s is not checked against its manifest", root)
+    check_ranks_agree(context, "the packed dataset (a hash of its manifest)", packed.fingerprint())
+    return packed
+
+
+def prepare_data(config: TrainConfig, context: DistributedContext, root: Path) -> RunSplits:
+    """The run's splits of ``root``: a packed directory's, or an ImageFolder's after the scan."""
+    if is_packed_dir(root):
+        return prepare_packed(config, context, root)
+    return prepare_splits(config, context, root)
+
+
+def split_source(split: SplitFiles | PackedSplit) -> dict:
+    """The ``LoaderSpec`` fields that say where a split's samples come from."""
+    if isinstance(split, PackedSplit):
+        return {"files": (), "labels": (), "shards": ShardSource(manifest=split.manifest, split=split.name)}
+    return {"files": split.files, "labels": split.labels}
+
+
 class RunLoaders:
     """The train/val/test loaders of one run (this rank's shard of each split), closed together."""
 
-    def __init__(self, *, config: TrainConfig, context: DistributedContext, backend: str, splits: DatasetSplits,
+    def __init__(self, *, config: TrainConfig, context: DistributedContext, backend: str, splits: RunSplits,
                  schedule: ScaleSchedule) -> None:
         self.backend = backend
         self._config = config
@@ -118,10 +160,10 @@ class RunLoaders:
             if len(splits.val) else None
         )
 
-    def _spec(self, split: SplitFiles, schedule: ScaleSchedule, *, train: bool) -> LoaderSpec:
+    def _spec(self, split: SplitFiles | PackedSplit, schedule: ScaleSchedule, *, train: bool) -> LoaderSpec:
         config, context = self._config, self._context
         return LoaderSpec(
-            files=split.files, labels=split.labels, schedule=schedule, batch_size=config.batch_size,
+            **split_source(split), schedule=schedule, batch_size=config.batch_size,
             train=train, device=str(context.device), seed=config.seed, num_workers=config.workers,
             drop_last=train and len(split) > config.batch_size, channels_last=config.channels_last,
             shard_id=context.rank, num_shards=context.world_size,

@@ -1,6 +1,6 @@
 """The pieces of the DALI image graph, each a few operators: read, decode + crop, flip, resize cascade.
 
-Train: ``readers.file`` -> fused ``decoders.image_random_crop`` (only the crop's region is decoded)
+Train: ``readers.file`` (or ``readers.webdataset`` over a pack's shards, ``dali.shards``) -> fused ``decoders.image_random_crop`` (only the crop's region is decoded)
 -> resize to the largest scale -> one coin-flip per sample -> every smaller scale resized from the
 largest output. Eval replaces the random crop by a fused ROI decode of the centre square (cut from
 the full image with the integer geometry of ``sampling.eval_crop_box``, then resized) and drops the
@@ -30,9 +30,10 @@ from nvidia.dali.types import BatchInfo
 from multiscale_dali.constants import DEFAULT_HW_DECODER_LOAD
 from multiscale_dali.pipelines.augment import AutoAugmentSpec
 from multiscale_dali.pipelines.dali.augment import auto_augment
+from multiscale_dali.pipelines.dali.shards import shard_reader
 from multiscale_dali.pipelines.sampling import SHUFFLE_STREAM, derived_seed, eval_crop_ratio, padded_sample_order
 from multiscale_dali.pipelines.schedule import ScaleSchedule
-from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.spec import LoaderSpec, ShardSource
 
 READER_NAME = "Reader"
 LABELS_SLOT = "labels"
@@ -109,6 +110,7 @@ class GraphSpec:
     sizes: ScheduledSizes
     placement: Placement
     auto_augment: AutoAugmentSpec = AutoAugmentSpec()
+    shards: ShardSource | None = None  # read a pack's split instead of ``files``
 
     @property
     def train_augment(self) -> AutoAugmentSpec | None:
@@ -130,11 +132,24 @@ def iterations_per_epoch(spec: LoaderSpec) -> int:
     return -(-spec.shard_size // spec.batch_size)
 
 
+def _reader_shard_id(spec: LoaderSpec, first_epoch: int) -> int:
+    """The ``shard_id`` the reader is built with.
+
+    A training webdataset reader moves to the next block of the split every epoch, counting from the
+    epoch the pipeline was built in; starting it ``first_epoch`` blocks on puts rank ``k`` on block
+    ``(k + epoch) % num_shards`` in every epoch, however late the pipeline was built (the torchvision
+    shard reader's layout). Folder readers pad one global list and need no offset.
+    """
+    if spec.shards is None or not spec.train:
+        return spec.shard_id
+    return (spec.shard_id + first_epoch) % spec.num_shards
+
+
 def graph_for(spec: LoaderSpec, *, first_epoch: int) -> GraphSpec:
     """The graph of ``spec`` for a pipeline first built at ``first_epoch`` (its seeds derive from it)."""
     # Every shard pads the same global list, so shards are equal and shard sizes never change when
     # DALI rotates or reshuffles them (an unpadded 11 files over 3 shards read 3, 4, 4 samples).
-    order = padded_sample_order(len(spec.files), spec.num_shards)
+    order = padded_sample_order(len(spec.files), spec.num_shards) if spec.files else []
     schedule = spec.schedule
     return GraphSpec(
         files=tuple(map(spec.files.__getitem__, order)),
@@ -142,7 +157,7 @@ def graph_for(spec: LoaderSpec, *, first_epoch: int) -> GraphSpec:
         # rotation move samples around, and the position is what tells a padded duplicate (position
         # >= len(files)) from its original. The loader maps it back to the real label on the host.
         labels=tuple(range(len(order))),
-        shard_id=spec.shard_id,
+        shard_id=_reader_shard_id(spec, first_epoch),
         num_shards=spec.num_shards,
         train=spec.train,
         shuffle_seed=derived_seed(spec.seed, first_epoch, stream=SHUFFLE_STREAM),
@@ -158,6 +173,21 @@ def graph_for(spec: LoaderSpec, *, first_epoch: int) -> GraphSpec:
         ),
         placement=placement_for(spec.device, hw_decoder_load=spec.hw_decoder_load),
         auto_augment=spec.auto_augment,
+        shards=spec.shards,
+    )
+
+
+def read_input(graph: GraphSpec) -> tuple[DataNode, DataNode]:
+    """Encoded images and what the loader turns into labels: the padded-list positions of a file
+    reader, or the labels themselves from a pack's shards."""
+    if graph.shards is None:
+        return read_files(graph)
+    source = graph.shards
+    return shard_reader(
+        source.manifest, source.split, train=graph.train, shard_id=graph.shard_id, num_shards=graph.num_shards,
+        initial_fill=source.shuffle_buffer, seed=graph.shuffle_seed, name=READER_NAME,
+        # Eval reads the same block every epoch, like the file reader.
+        stick_to_shard=not graph.train,
     )
 
 

@@ -8,6 +8,12 @@ end (measured on DALI 2.4 CPU; ``tests/test_loader_resume.py`` holds it to that)
 
 Padding: the reader reads positions in the padded sample list, not labels; a position at or past
 ``len(spec.files)`` is a padded duplicate, which the batch's ``valid`` mask leaves out of metrics.
+On a pack's shards the reader yields the labels themselves and pads each rank's block after its
+last real sample, so the position inside the epoch tells padding apart (``shards.valid_samples``).
+Blocks differ in size by one, and DALI's iterator trims a padded tail by the sizes it expects per
+block (an all-padding batch came out empty, and with DROP the unread padding of one epoch came out
+as the first batch of the next): so shard batches are read with FILL, always whole, and the loader
+cuts each rank's epoch to ``spec.shard_size`` samples itself, as the folder path's padded list does.
 """
 
 from __future__ import annotations
@@ -24,29 +30,62 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from multiscale_dali.constants import Backend
+from multiscale_dali.data.shard_format import ShardError
 from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
-from multiscale_dali.pipelines.dali.graph import LABELS_SLOT, READER_NAME, graph_for, scale_slot
+from multiscale_dali.pipelines.dali.graph import (
+    LABELS_SLOT,
+    READER_NAME,
+    graph_for,
+    iterations_per_epoch,
+    scale_slot,
+)
 from multiscale_dali.pipelines.dali.pipeline import multiscale_pipeline
+from multiscale_dali.pipelines.dali.shards import valid_samples
 from multiscale_dali.pipelines.sampling import (
     AUGMENT_STREAM,
     check_loader_state,
     derived_seed,
     loader_state,
     padded_sample_order,
+    shard_padding_mask,
 )
 from multiscale_dali.pipelines.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
 
 
+def _damaged_pack(spec: LoaderSpec, what: str) -> ShardError:
+    """The error for a split DALI cannot use: the pack's own check of the split names the shard and key.
+
+    DALI names neither, and the pack passed its cheap check at start, so a shard changed since (or
+    was damaged inside, where only a full read tells). Verifying the split reads all of it, once,
+    on this error path only.
+    """
+    from multiscale_dali.data.shard_verify import verify_shards
+
+    source = spec.shards
+    try:
+        verify_shards(source.manifest, deep=True, splits=[source.split])
+    except ShardError as err:
+        return err
+    directory = source.manifest.directory
+    return ShardError(f"split {source.split} of {directory}: {what}, yet the split verifies; "
+                      f"`msdali scan --data {directory}` checks the whole pack")
+
+
 def _last_batch_policy(spec: LoaderSpec) -> LastBatchPolicy:
+    if spec.shards is not None:
+        return LastBatchPolicy.FILL  # see the module docstring
     # LoaderSpec keeps a lone partial batch even with drop_last (steps_per_epoch is then 1); DROP
     # would yield nothing and DALI would refuse to start.
     drops = spec.drop_last and spec.shard_size >= spec.batch_size
     return LastBatchPolicy.DROP if drops else LastBatchPolicy.PARTIAL
 
 
-def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> RuntimeError:
+def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> Exception:
+    if spec.shards is not None:
+        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return _damaged_pack(spec, f"DALI cannot read it in epoch {epoch} (DALI said: {said})")
     return RuntimeError(
         f"DALI failed in epoch {epoch} (shard {spec.shard_id}/{spec.num_shards}, {len(spec.files)} "
         f"files); a corrupt or unreadable image stops a DALI pipeline, the torchvision backend can "
@@ -82,12 +121,18 @@ def _iterator(pipeline: Pipeline, spec: LoaderSpec, *, first_epoch: int) -> DALI
         )
     except RuntimeError as err:
         raise _dali_error(err, spec, first_epoch) from err
-    if len(iterator) != spec.steps_per_epoch:
+    if len(iterator) != dali_batches(spec):
         raise RuntimeError(
             f"DALI iterator yields {len(iterator)} batches per epoch but the spec expects "
-            f"{spec.steps_per_epoch} (shard_size={spec.shard_size}, batch_size={spec.batch_size})"
+            f"{dali_batches(spec)} (shard_size={spec.shard_size}, batch_size={spec.batch_size})"
         )
     return iterator
+
+
+def dali_batches(spec: LoaderSpec) -> int:
+    """Batches the DALI iterator yields per epoch: the spec's, or on shards every batch the reader
+    runs (FILL), of which a dropped last one is read and discarded by the loader."""
+    return spec.steps_per_epoch if spec.shards is None else iterations_per_epoch(spec)
 
 
 # ---------------------------------------------------------------------------------------- resume state
@@ -149,7 +194,7 @@ class DaliLoader:
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
-        order = padded_sample_order(len(spec.files), spec.num_shards)
+        order = padded_sample_order(len(spec.files), spec.num_shards) if spec.shards is None else []
         self._padded_labels = torch.tensor(list(map(spec.labels.__getitem__, order)), dtype=torch.int64)
         self._iterator: DALIGenericIterator | None = None
         self._pipeline: Pipeline | None = None
@@ -288,13 +333,27 @@ class DaliLoader:
         device = torch.device(spec.device)
         for step in range(first_step, spec.steps_per_epoch):
             outputs = self._next_batch_outputs(iterator, epoch, step)
-            images = {s: _checked(outputs[scale_slot(i)], s, epoch, step) for i, s in enumerate(scales)}
-            positions = outputs[LABELS_SLOT].view(-1).long().cpu()
-            batch = to_model_batch(images, self._padded_labels[positions], device,
-                                   channels_last=spec.channels_last, valid=positions < len(spec.files))
+            # On shards, the rank's epoch ends at shard_size samples: FILL may run past it.
+            keep = min(spec.batch_size, spec.shard_size - step * spec.batch_size)
+            images = {s: _checked(outputs[scale_slot(i)], s, epoch, step)[:keep] for i, s in enumerate(scales)}
+            labels, valid = self._labels(outputs[LABELS_SLOT].view(-1)[:keep].long().cpu(), epoch, step)
+            batch = to_model_batch(images, labels, device, channels_last=spec.channels_last, valid=valid)
             # Counted before the yield: while the caller holds this batch, it has been consumed.
             self._position = (epoch, step + 1)
             yield batch
+
+    def _labels(self, read: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Labels and padding mask of a batch from what the reader yielded (see the module docstring)."""
+        spec = self.spec
+        if spec.shards is None:
+            return self._padded_labels[read], read < len(spec.files)
+        num_classes = spec.shards.manifest.num_classes
+        if read.numel() and not 0 <= int(read.min()) <= int(read.max()) < num_classes:
+            raise _damaged_pack(spec, f"a label outside 0..{num_classes - 1} in epoch {epoch}, batch {step}")
+        # Eval readers stay on their own block; training readers move one block on per epoch.
+        real = valid_samples(spec.num_samples, shard_id=spec.shard_id, num_shards=spec.num_shards,
+                             epoch=epoch if spec.train else 0)
+        return read, shard_padding_mask(real, spec.batch_size, step, read.numel())
 
     def _next_batch_outputs(self, iterator: DALIGenericIterator, epoch: int, step: int) -> dict[str, torch.Tensor]:
         """Batch ``step`` of ``epoch``; after the last one, also DALI's end of epoch.
@@ -309,6 +368,11 @@ class DaliLoader:
             self._epoch_finished = True
             raise RuntimeError(f"DALI yielded {step} batches in epoch {epoch}, expected {expected}")
         if step + 1 == expected:
+            # A last batch the spec drops is still read (shards only: folder iterators drop it themselves).
+            for _ in range(dali_batches(self.spec) - expected):
+                if self._next_outputs(iterator, epoch) is None:
+                    raise RuntimeError(f"DALI yielded {expected} batches in epoch {epoch}, expected "
+                                       f"{dali_batches(self.spec)}")
             if self._next_outputs(iterator, epoch) is not None:
                 raise RuntimeError(f"DALI yielded more than {expected} batches in epoch {epoch}")
             self._epoch_finished = True

@@ -21,7 +21,7 @@ from multiscale_dali.pipelines.dali.graph import (
     decode_crop,
     placement_for,
     random_flip,
-    read_files,
+    read_input,
     resize_cascade,
     scale_sizes,
 )
@@ -29,8 +29,9 @@ from multiscale_dali.pipelines.dali.graph import (
 
 @pipeline_def
 def multiscale_pipeline(graph: GraphSpec) -> tuple[DataNode, ...]:
-    """Every scale slot (smallest first), then the padded-list positions the loader maps to labels."""
-    encoded, positions = read_files(graph)
+    """Every scale slot (smallest first), then the padded-list positions the loader maps to labels
+    (labels, when the graph reads shards)."""
+    encoded, positions = read_input(graph)
     crop = decode_crop(encoded, graph)
     flip = random_flip(graph)
     return (*resize_cascade(crop, scale_sizes(graph), flip, graph.train_augment), positions)

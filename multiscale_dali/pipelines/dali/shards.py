@@ -34,12 +34,18 @@ from __future__ import annotations
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import DataNode
 
-from multiscale_dali.data.shard_format import IMAGE_EXT, LABEL_RAW_EXT, Manifest, reader_block
+from multiscale_dali.data.shard_format import (
+    DEFAULT_SHUFFLE_BUFFER,
+    IMAGE_EXT,
+    LABEL_RAW_EXT,
+    Manifest,
+    reader_block,
+)
 
 __all__ = ["DEFAULT_INITIAL_FILL", "READER_NAME", "shard_reader", "valid_samples"]
 
 # DALI's own default buffer; about 100 MB of ImageNet-sized JPEGs.
-DEFAULT_INITIAL_FILL = 1024
+DEFAULT_INITIAL_FILL = DEFAULT_SHUFFLE_BUFFER
 READER_NAME = "Reader"
 
 
@@ -55,12 +61,15 @@ def shard_reader(
     tar_order_seed: int | None = None,
     seed: int = -1,
     name: str = READER_NAME,
+    stick_to_shard: bool = False,
 ) -> tuple[DataNode, DataNode]:
     """``(jpegs, labels)`` nodes reading ``split`` of ``manifest``; call inside a pipeline definition.
 
     ``train`` turns on the buffer shuffle (and, with ``shuffle_tars``, the per-epoch tar order
     shuffle, seeded by ``tar_order_seed``, DALI's fixed default when None; give every rank the
-    same); ``seed`` -1 takes the pipeline's seed; ``name`` is the ``reader_name`` for iterators.
+    same); ``seed`` -1 takes the pipeline's seed; ``name`` is the ``reader_name`` for iterators;
+    ``stick_to_shard`` keeps the reader on block ``shard_id`` every epoch (evaluation: every epoch
+    then reads the same samples in the same order, whatever came before).
     """
     info = manifest.split(split)
     if not 0 <= shard_id < num_shards:
@@ -85,6 +94,7 @@ def shard_reader(
         shard_id=shard_id,
         num_shards=num_shards,
         pad_last_batch=True,
+        stick_to_shard=stick_to_shard,
         seed=seed,
         name=name,
         **tar_order,
