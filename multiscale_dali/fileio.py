@@ -6,6 +6,8 @@ snapshots) goes through here.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -55,3 +57,23 @@ def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """UTF-8 text (JSON manifests, results) through :func:`atomic_write`."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by None, recursively.
+
+    A diverged run's metrics hold NaN; ``json.dumps`` would write a bare ``NaN``, which is not JSON
+    (``jq``, JavaScript and many loaders refuse the whole file), so it becomes ``null``.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def dumps_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`finite_json` (``allow_nan=False``): always valid JSON."""
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,6 +46,19 @@ def check_scales(scales: str | Sequence[int]) -> tuple[int, ...]:
         return parse_scales(scales)
     except ValueError as err:
         raise ConfigError("scales", str(err)) from None
+
+
+# numpy's and torch's seeding take unsigned 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
+def _check_finite(config: "TrainConfig") -> None:
+    """Every number finite: a NaN compares False with every bound below, and an inf learning rate,
+    weight decay or clip turns the model into NaN that would then be saved as if it were trained."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(field.name, f"must be a finite number, got {value}")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -103,6 +117,7 @@ class TrainConfig:
         _choice("default_dataset", self.default_dataset, DEFAULT_DATASETS)
         _choice("on_bad_file", self.on_bad_file, BAD_FILE_POLICIES)
         check_scales(self.scales)
+        _check_finite(self)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "ramp_multiple": self.ramp_multiple,
                     "max_image_pixels": self.max_image_pixels}
         for key, value in positive.items():
@@ -120,6 +135,11 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(key, f"must be >= 0, got {value}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.momentum >= 1:
+            raise ConfigError("momentum", f"must be < 1 (a momentum of 1 or more never forgets a step and "
+                              f"diverges), got {self.momentum}")
         if self.schedule and self.mode != "progressive":
             raise ConfigError("schedule", "applies to --mode progressive only (multiscale trains every --scales each step)")
         if self.mode == "progressive" and self.consistency_weight > 0:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from multiscale_dali.training.best import all_finite
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
 from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
 from multiscale_dali.data.discovery import DatasetSplits
@@ -48,7 +49,7 @@ from multiscale_dali.training.run_setup import (
     seed_everything,
 )
 from multiscale_dali.training.signals import StopRequest
-from multiscale_dali.training.trainer import EpochRecord, FitResult, StepEvent
+from multiscale_dali.training.trainer import EpochRecord, FitResult, NonFiniteLossError, StepEvent
 
 # dataset_root, scan_cache_path, vet_splits and resolve_amp live in run_data and run_setup; the CLI,
 # evaluation and the benchmark import them from here.
@@ -340,6 +341,11 @@ class _TrainingRun:
         """The best model, once, on the test split; results.json."""
         trainer, schedule = self.trainer, self.schedule
         if not trainer.load_best():  # no validation split: the final weights are the model
+            if not all_finite(trainer.net):
+                # Never hand on a NaN model as the result of a run (validation never picked one either).
+                raise NonFiniteLossError(
+                    "training diverged: the model's weights are NaN or infinite and no validated epoch had a "
+                    "finite loss, so there is no model to keep; lower --lr or --weight-decay, or set --grad-clip")
             self.files.save_best(trainer.net, epoch=self.config.epochs - 1)
         test_scales = schedule.final_scales if self.config.mode == "multiscale" else schedule.all_scales
         metrics: dict[int, dict[str, float]] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from multiscale_dali.errors import UserError
-from multiscale_dali.fileio import atomic_write_text
+from multiscale_dali.fileio import atomic_write_text, dumps_json
 from multiscale_dali.constants import METRICS_FILE, SUPERSEDED_METRICS_FILE
 from multiscale_dali.training.resume import BEST, CHECKPOINT_DIR
 
@@ -28,13 +28,13 @@ def check_fresh(out_dir: Path) -> None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2))
+    atomic_write_text(path, dumps_json(payload, indent=2))
 
 
 def append_json_line(path: Path, record: dict[str, Any]) -> None:
     # Append and fsync each epoch: a crash later never loses the epochs already written.
     with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(dumps_json(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
