@@ -39,6 +39,7 @@ from multiscale_dali.training.resume import (
 from multiscale_dali.training.run_data import RunLoaders, dataset_root, prepare_splits, scan_cache_path, vet_splits
 from multiscale_dali.training.run_directory import check_fresh
 from multiscale_dali.training.run_files import RunFiles
+from multiscale_dali.training.run_lock import locked_run_directory
 from multiscale_dali.training.run_setup import (
     build_lr_scheduler,
     build_network,
@@ -145,7 +146,8 @@ def run_training(
     data with DDP, metrics are summed over the ranks, and only rank 0 writes files and calls
     ``on_epoch_end``/``on_step``. ``config.batch_size`` is per process.
     """
-    with distributed_session(config.device) as context, quiet_unless_main(context):
+    with (distributed_session(config.device) as context, quiet_unless_main(context),
+          locked_run_directory(config.out, context)):
         return _TrainingRun(config, context, resume=resume, on_epoch_end=on_epoch_end, on_step=on_step).run()
 
 
