@@ -21,7 +21,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ __all__ = [
     "is_image_file",
     "validate_fractions",
     "stratified_split_counts",
+    "walk_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ def discover_dataset(
             f"or put the class folders directly in {root_path}"
         )
 
+    for split_dir in split_dirs.values():
+        _check_linked_folder(split_dir, root_path)
     if _TRAIN in split_dirs:
         return _discover_explicit(root_path, split_dirs, fractions=fractions, seed=seed)
     return _discover_flat(root_path, fractions=fractions, seed=seed)
@@ -233,7 +236,7 @@ def _discover_explicit(
     if extra:
         logger.warning("ignoring folder(s) %s in %s: only %s are read", ", ".join(extra), root, "/".join(SPLIT_NAMES))
 
-    train_by_class = _scan_class_folders(split_dirs[_TRAIN])
+    train_by_class = _scan_class_folders(split_dirs[_TRAIN], root)
     classes = tuple(sorted(train_by_class))
     _check_class_count(classes, split_dirs[_TRAIN])
     index = {name: i for i, name in enumerate(classes)}
@@ -242,7 +245,7 @@ def _discover_explicit(
     for name in (_VAL, _TEST):
         if name not in split_dirs:
             continue
-        by_class = _scan_class_folders(split_dirs[name])
+        by_class = _scan_class_folders(split_dirs[name], root)
         unknown = sorted(set(by_class) - set(index))
         if unknown:
             raise DataError(
@@ -285,7 +288,7 @@ def _discover_explicit(
 
 def _discover_flat(root: Path, *, fractions: tuple[float, float, float], seed: int) -> DatasetSplits:
     """Layout (b): ``root/<class>/*``, split into train / val / test by ``fractions``."""
-    by_class = _scan_class_folders(root)
+    by_class = _scan_class_folders(root, root)
     classes = tuple(sorted(by_class))
     _check_class_count(classes, root)
     index = {name: i for i, name in enumerate(classes)}
@@ -365,9 +368,11 @@ def _check_class_count(classes: tuple[str, ...], folder: Path) -> None:
         )
 
 
-def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
+def _scan_class_folders(folder: Path, root: Path) -> dict[str, list[str]]:
     """``{class name: sorted absolute image paths}`` for every non-hidden subfolder of ``folder``."""
     class_dirs = _list_dirs(folder)
+    for class_dir in class_dirs:
+        _check_linked_folder(class_dir, root)
     if not class_dirs:
         loose_images = sum(1 for entry in _list_entries(folder) if entry.is_file() and is_image_file(entry.name))
         hint = (
@@ -386,7 +391,7 @@ def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
 
     by_class: dict[str, list[str]] = {}
     for class_dir in class_dirs:
-        files, skipped = _scan_images(class_dir)
+        files, skipped = _scan_images(class_dir, root)
         if not files:
             detail = f" ({skipped} other file(s) skipped)" if skipped else ""
             raise DataError(
@@ -397,17 +402,13 @@ def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
     return by_class
 
 
-def _scan_images(class_dir: Path) -> tuple[list[str], int]:
+def _scan_images(class_dir: Path, root: Path) -> tuple[list[str], int]:
     """Sorted absolute image paths below ``class_dir`` (recursively, like torchvision's
     ImageFolder) and the number of non-hidden files skipped for their extension."""
     files: list[str] = []
     skipped = 0
-    # followlinks as in torchvision's ImageFolder: datasets are often assembled from symlinks.
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+    for dirpath, _, filenames in walk_dataset(class_dir, root=root):
         for name in filenames:
-            if _is_hidden(name):
-                continue
             if is_image_file(name):
                 files.append(os.path.join(dirpath, name))
             else:
@@ -430,3 +431,53 @@ def _list_dirs(folder: Path) -> list[Path]:
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+# ---------------------------------------------------------------------------------------- the walk
+def _overlaps_root(target: str, root_real: str) -> bool:
+    """Whether ``target`` lies inside the dataset root or holds it (``/``, a parent of the root)."""
+    return os.path.commonpath([target, root_real]) in (target, root_real)
+
+
+def _check_linked_folder(folder: Path, root: Path) -> None:
+    """A split or class folder that links into (or above) the dataset would read its files twice."""
+    if folder.is_symlink():
+        target = os.path.realpath(folder)
+        if _overlaps_root(target, os.path.realpath(root)):
+            raise DataError(f"{folder} is a symlink to {target}, inside (or above) the dataset {root}: its images "
+                            "would be read twice, under two labels or splits; replace the link by a real folder")
+
+
+def walk_dataset(
+    top: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` of ``top`` over non-hidden entries in sorted order: what discovery and the scan read.
+
+    Directory symlinks are followed, since datasets are often assembled from links (as torchvision's
+    ImageFolder does), except those that would show a file twice: a link into the dataset ``root``
+    (default ``top``) or to a folder holding it (a loop, which os.walk would follow 40 levels deep,
+    copying images across classes and splits), and a folder already walked (a loop outside the root).
+    Each link left out is logged.
+    """
+    root_real = os.path.realpath(root if root is not None else top)
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        kept = []
+        for name in sorted(d for d in dirnames if not _is_hidden(d)):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and _overlaps_root(os.path.realpath(path), root_real):
+                logger.warning("not following %s: it links to %s, inside (or above) %s, whose files are read "
+                               "once already", path, os.path.realpath(path), root_real)
+                continue
+            kept.append(name)
+        dirnames[:] = kept
+        yield dirpath, dirnames, sorted(f for f in filenames if not _is_hidden(f))

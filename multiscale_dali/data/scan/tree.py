@@ -7,12 +7,12 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 from PIL import Image
 
 from multiscale_dali.constants import DEFAULT_MAX_PIXELS
-from multiscale_dali.data.discovery import is_image_file
+from multiscale_dali.data.discovery import is_image_file, walk_dataset
 from multiscale_dali.data.scan.cache import Manifest
 from multiscale_dali.data.scan.report import (
     KIND_BAD,
@@ -150,8 +150,9 @@ def scan_tree(
     workers: int = DEFAULT_SCAN_WORKERS,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
-    """Scan every regular, non-hidden file below ``root`` (recursively, following symlinks like
-    torchvision's ImageFolder) and report folders that hold no image file and no subfolder.
+    """Scan every regular, non-hidden file below ``root`` (recursively, following symlinks as dataset
+    discovery does, see :func:`~multiscale_dali.data.discovery.walk_dataset`) and report folders
+    that hold no image file and no subfolder.
 
     Files with an image extension are checked by content as in :func:`scan_files`; any other file
     is reported as ``ignored`` (dataset discovery never loads it), with a note when its content
@@ -163,7 +164,7 @@ def scan_tree(
     image_files: list[str] = []
     ignored: list[FileReport] = []
     empty_dirs: list[str] = []
-    for dirpath, subdirs, filenames in _walk(root_path):
+    for dirpath, subdirs, filenames in walk_dataset(root_path):
         has_image = False
         for name in filenames:
             path = os.path.abspath(os.path.join(dirpath, name))
@@ -214,20 +215,6 @@ def filter_good(
         lost = sum(1 for lab in labels if lab == label)
         logger.warning("label %s lost all %d of its file(s) to the scan", label, lost)
     return tuple(kept_files), tuple(kept_labels)
-
-
-def _walk(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk`` over non-hidden entries, following symlinks but never entering a directory
-    twice (a symlink loop would otherwise recurse forever)."""
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield dirpath, dirnames, sorted(f for f in filenames if not f.startswith("."))
 
 
 def _log_summary(result: ScanResult) -> None:
