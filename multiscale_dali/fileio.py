@@ -15,6 +15,12 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+from multiscale_dali.errors import EXIT_FAILURE, UserError
+
+
+class WriteError(UserError, OSError, exit_code=EXIT_FAILURE):
+    """A file could not be written (full disk, read-only or vanished folder); what was there is kept."""
+
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -34,14 +40,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     complete file, never half of one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise WriteError(f"cannot write {path}: {err.strerror or err}") from err
+    try:
+        # Unbuffered: a full disk then fails the write call itself as OSError; torch.save through a
+        # buffer reports it as an unrelated RuntimeError ("unexpected pos").
+        with os.fdopen(fd, "wb", buffering=0) as handle:
             write(handle)
-            handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+    except OSError as err:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {err.strerror or err}; "
+                         f"{'its previous version is unchanged' if path.exists() else 'nothing was written'}") from err
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -64,12 +64,14 @@ def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | Non
 
 def check_run_scales(config: TrainConfig) -> None:
     """Refuse, before any data is read, a model that cannot run at one of the scales the run visits."""
-    from multiscale_dali.models.input_size import check_model_scales
+    from multiscale_dali.models.input_size import check_model_scales, check_train_batch
     from multiscale_dali.training.run import build_schedule
 
     # The head's width does not change which input sizes the network accepts, and the class count
     # is known only once the data is read: one output stands in for it.
-    check_model_scales(config.model, build_schedule(config).all_scales, num_outputs=1)
+    scales = build_schedule(config).all_scales
+    check_model_scales(config.model, scales, num_outputs=1)
+    check_train_batch(config.model, scales, batch_size=config.batch_size, num_outputs=1)
 
 
 def _report(result: Any, config: TrainConfig, *, plot: bool, echo: Callable[..., None]) -> None:

@@ -242,7 +242,11 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     """Read a TOML recipe (a file or a bundled name): (its ``[train]`` table, its description)."""
     path = resolve_recipe(path)
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ConfigError("config", f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not a text file (TOML is UTF-8 text)") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError("config", f"{path} is not valid TOML: {err}") from None
     unknown = sorted(set(doc) - {"description", "train"})

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from multiscale_dali.models.input_size import check_train_batch
 from multiscale_dali.training.best import all_finite
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
 from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
@@ -218,6 +219,9 @@ class _TrainingRun:
         self.optimizer = build_optimizer(config, model.parameters())
         self.loaders = RunLoaders(config=config, context=self.context, backend=self.backend, splits=self.splits,
                                   schedule=self.schedule)
+        # A shard smaller than the batch trains on one batch of the shard's size: perhaps of one sample.
+        check_train_batch(config.model, self.schedule.all_scales, num_outputs=1,
+                          batch_size=min(config.batch_size, self.loaders.train.spec.shard_size))
         # Shards are padded to one size, so every rank runs the same steps per epoch; a rank with
         # fewer would leave the others waiting in a collective until the timeout.
         check_ranks_agree(self.context, "the batches per epoch (train, val)",

@@ -24,8 +24,9 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from multiscale_dali.constants import Backend
+from multiscale_dali.errors import OutOfMemoryError, out_of_memory_reason
 from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
-from multiscale_dali.pipelines.dali.graph import LABELS_SLOT, READER_NAME, graph_for, scale_slot
+from multiscale_dali.pipelines.dali.graph import LABELS_SLOT, READER_NAME, graph_for, pipeline_batch_size, scale_slot
 from multiscale_dali.pipelines.dali.pipeline import multiscale_pipeline
 from multiscale_dali.pipelines.sampling import (
     AUGMENT_STREAM,
@@ -34,7 +35,7 @@ from multiscale_dali.pipelines.sampling import (
     loader_state,
     padded_sample_order,
 )
-from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.spec import DataReadError, LoaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,26 @@ def _last_batch_policy(spec: LoaderSpec) -> LastBatchPolicy:
     return LastBatchPolicy.DROP if drops else LastBatchPolicy.PARTIAL
 
 
+def _dali_reason(err: RuntimeError) -> str:
+    """The line of a DALI error that says what happened (after its operator's traceback)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "encountered:" in lines:
+        rest = lines[lines.index("encountered:") + 1:]
+        if rest:
+            return rest[0]
+    return lines[-1] if lines else repr(err)
+
+
 def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> RuntimeError:
-    return RuntimeError(
-        f"DALI failed in epoch {epoch} (shard {spec.shard_id}/{spec.num_shards}, {len(spec.files)} "
-        f"files); a corrupt or unreadable image stops a DALI pipeline, the torchvision backend can "
-        f"help find it. DALI said: {err}"
-    )
+    """DALI's multi-line error as one line: out of memory, or the file it could not read."""
+    log.debug("DALI error in epoch %d: %s", epoch, err)
+    where = f"in epoch {epoch} (shard {spec.shard_id}/{spec.num_shards}, {len(spec.files)} files)"
+    memory = out_of_memory_reason(err)
+    if memory is not None:
+        # The same bad_alloc a huge image would cause: say which sizes asked for the memory.
+        return OutOfMemoryError(f"DALI ran out of memory {where} with batches of {pipeline_batch_size(spec)} "
+                                f"images at up to {max(spec.schedule.all_scales)} px: {memory}")
+    return DataReadError(f"DALI could not read or decode an image {where}: {_dali_reason(err)}")
 
 
 def _build_pipeline(spec: LoaderSpec, *, first_epoch: int, checkpoint: bytes | None) -> Pipeline:
@@ -59,7 +74,7 @@ def _build_pipeline(spec: LoaderSpec, *, first_epoch: int, checkpoint: bytes | N
     graph = graph_for(spec, first_epoch=first_epoch)
     return multiscale_pipeline(
         graph,
-        batch_size=spec.batch_size,
+        batch_size=pipeline_batch_size(spec),
         num_threads=max(1, spec.num_workers),
         device_id=graph.placement.device_id,
         seed=derived_seed(spec.seed, first_epoch, stream=AUGMENT_STREAM),
