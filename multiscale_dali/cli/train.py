@@ -77,7 +77,8 @@ def check_run_scales(config: TrainConfig) -> None:
 def _report(result: Any, config: TrainConfig, *, plot: bool, echo: Callable[..., None]) -> None:
     """The end of a run: why it stopped early, or its test results and where to look next."""
     if result.interrupted:
-        echo(f"stopped by {result.stop_signal}; checkpoint saved. Continue with: "
+        during = " during the final test pass (training is done)" if result.test_pending else ""
+        echo(f"stopped by {result.stop_signal}{during}; checkpoint saved. Continue with: "
              f"msdali train --out {config.out} --resume auto")
         sys.exit(EXIT_INTERRUPTED)
     best = None if result.best_epoch is None else result.best_epoch + 1
@@ -108,14 +109,20 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
     SIGTERM/SIGINT stop at the next step with a checkpoint and exit code 75; --resume auto continues.
     """
     from multiscale_dali.training.run import run_training
+    from multiscale_dali.training.signals import StartupInterrupted, StopRequest
 
-    resumed = _resumed_config(resume, flags.get("out"))
-    config = build_train_config(config_path, flags, resumed=resumed)
-    check_run_scales(config)
-    check_extras(tensorboard=tensorboard, plot=plot_at_end)
     # Under torchrun every rank runs this command; only rank 0 talks (and writes, see training/run.py).
     echo = click.echo if os.environ.get("RANK", "0") == "0" else (lambda *_a, **_k: None)
-    echo(f"run directory: {config.out}")
-    with train_reporter(epochs=config.epochs, out=config.out, tensorboard=tensorboard) as reporter:
-        result = run_training(config, resume=resume, on_epoch_end=reporter.epoch_end, on_step=reporter.step)
+    try:
+        with StopRequest(immediate=True):  # checking the flags and the model: nothing to save yet
+            resumed = _resumed_config(resume, flags.get("out"))
+            config = build_train_config(config_path, flags, resumed=resumed)
+            check_run_scales(config)
+            check_extras(tensorboard=tensorboard, plot=plot_at_end)
+        echo(f"run directory: {config.out}")
+        with train_reporter(epochs=config.epochs, out=config.out, tensorboard=tensorboard) as reporter:
+            result = run_training(config, resume=resume, on_epoch_end=reporter.epoch_end, on_step=reporter.step)
+    except StartupInterrupted as stopped:
+        echo(f"{stopped}; nothing to resume from yet: run the same command again")
+        sys.exit(EXIT_INTERRUPTED)
     _report(result, config, plot=plot_at_end, echo=echo)

@@ -9,10 +9,11 @@ restores them through their own ``load_state_dict`` methods, and writes through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -50,7 +51,7 @@ from multiscale_dali.training.run_setup import (
     resolve_amp,
     seed_everything,
 )
-from multiscale_dali.training.signals import StopRequest
+from multiscale_dali.training.signals import StartupInterrupted, StopRequest
 from multiscale_dali.training.trainer import EpochRecord, FitResult, NonFiniteLossError, StepEvent
 
 # dataset_root, scan_cache_path, vet_splits and resolve_amp live in run_data and run_setup; the CLI,
@@ -78,6 +79,7 @@ class RunResult:
     stop_signal: str | None = None
     rank: int = 0  # this process's rank; only rank 0 wrote files (a CLI prints from rank 0 only)
     world_size: int = 1
+    test_pending: bool = False  # a signal stopped the final test pass: --resume auto runs it
 
 
 class ResumeWorldSizeError(CheckpointError):
@@ -128,6 +130,17 @@ def _resume_keeps_loader_states(payload: dict[str, Any], path: Path, world_size:
         saved, world_size, int(trainer["epoch"]) + 1, world_size,
     )
     return False
+
+
+class _TestPassStopped(Exception):
+    """A stop signal during the final test pass (every rank raises it at the same batch)."""
+
+
+def _until_stopped(batches: Iterable[Any], should_stop: Callable[[], bool]) -> Iterator[Any]:
+    for batch in batches:
+        if should_stop():
+            raise _TestPassStopped
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -310,14 +323,19 @@ class _TrainingRun:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
-        self._prepare_data()
-        try:
-            self._build()
-            if self.found is not None:
-                self._restore(*self.found)
-            self.files.write_config(dataset=self.splits.summary())
-            val_epoch = None if self.loaders.val is None else self.loaders.val.epoch
-            with StopRequest() as stop:
+        # Installed for the whole run: a signal during start-up stops at once (nothing to save yet),
+        # one during training at the next step boundary with a checkpoint, one during the test pass
+        # at the next batch, with results.json saying the test pass is still to do.
+        with StopRequest(immediate=not self.context.is_distributed) as stop:
+            self._prepare_data()
+            try:
+                self._build()
+                if self.found is not None:
+                    self._restore(*self.found)
+                self._stop_if_requested(stop)
+                self.files.write_config(dataset=self.splits.summary())
+                stop.immediate = False
+                val_epoch = None if self.loaders.val is None else self.loaders.val.epoch
                 # The flag is combined over the ranks at every step boundary (torchrun forwards SIGTERM
                 # to every worker, but not at the same instant), so all ranks stop after the same step.
                 fit = self.trainer.fit(self.loaders.train.epoch, val_epoch, on_epoch_end=self._epoch_done,
@@ -325,15 +343,29 @@ class _TrainingRun:
                                        should_stop=lambda: self.context.any_rank(stop.requested))
                 if fit.interrupted:
                     return self._interrupted(fit, stop.signal_name)
-            test = self._test()
-        finally:
-            if self.loaders is not None:  # None when building them failed
-                self.loaders.close()
+                test = self._test(stop)
+            finally:
+                if self.loaders is not None:  # None when building them failed
+                    self.loaders.close()
+        if test is None:
+            return dataclasses.replace(self._result(fit, test={}, interrupted=True,
+                                                    stop_signal=self._agreed_signal(stop.signal_name)),
+                                       test_pending=True)
         return self._result(fit, test=test)
+
+    def _agreed_signal(self, own_signal: str | None) -> str | None:
+        """The signal any rank received (a collective)."""
+        return next((n for n in self.context.all_gather_object(own_signal) if n), None)
+
+    def _stop_if_requested(self, stop: StopRequest) -> None:
+        """Under torchrun the start-up is not stopped from the handler (the other ranks would wait in a
+        collective): the ranks agree here, before the first step, and stop together."""
+        if self.context.any_rank(stop.requested):
+            raise StartupInterrupted(self._agreed_signal(stop.signal_name) or "a signal")
 
     def _interrupted(self, fit: FitResult, own_signal: str | None) -> RunResult:
         self._save_training_state()
-        signal_name = next((n for n in self.context.all_gather_object(own_signal) if n), None)
+        signal_name = self._agreed_signal(own_signal)
         trainer = self.trainer
         log.warning("rank %d/%d stopped by %s at epoch %d step %d (global step %d)%s",
                     self.context.rank, self.context.world_size, signal_name, trainer.epoch + 1,
@@ -343,8 +375,8 @@ class _TrainingRun:
         self.context.barrier()
         return self._result(fit, test={}, interrupted=True, stop_signal=signal_name)
 
-    def _test(self) -> dict[int, dict[str, float]]:
-        """The best model, once, on the test split; results.json."""
+    def _test(self, stop: StopRequest) -> dict[int, dict[str, float]] | None:
+        """The best model, once, on the test split; results.json. None when a signal stopped the pass."""
         trainer, schedule = self.trainer, self.schedule
         if not trainer.load_best():  # no validation split: the final weights are the model
             if not all_finite(trainer.net):
@@ -354,19 +386,24 @@ class _TrainingRun:
                     "finite loss, so there is no model to keep; lower --lr or --weight-decay, or set --grad-clip")
             self.files.save_best(trainer.net, epoch=self.config.epochs - 1)
         test_scales = schedule.final_scales if self.config.mode == "multiscale" else schedule.all_scales
-        metrics: dict[int, dict[str, float]] = {}
+        metrics: dict[int, dict[str, float]] | None = {}
         if len(self.splits.test):
             loader = self.loaders.test(constant_schedule(test_scales))
             try:
-                metrics = trainer.evaluate(loader.epoch(0))
+                stopped = lambda: self.context.any_rank(stop.requested)  # noqa: E731
+                metrics = trainer.evaluate(_until_stopped(loader.epoch(0), stopped))
+            except _TestPassStopped:
+                metrics = None
             finally:
                 loader.close()
         self.files.write_results({
             "best_epoch": trainer.best_epoch,
             "best_val_accuracy": None if trainer.best_score is None else trainer.best_score[0],
-            "test": {str(s): m for s, m in metrics.items()}, "backend": self.backend,
+            "test": {str(s): m for s, m in (metrics or {}).items()}, "backend": self.backend,
             "device": str(self.device), "task": self.task, "classes": list(self.splits.classes),
-            "world_size": self.context.world_size})
+            "world_size": self.context.world_size,
+            # False: a signal stopped the test pass; `--resume auto` runs it (training is done).
+            "test_complete": metrics is not None})
         self.context.barrier()
         return metrics
 

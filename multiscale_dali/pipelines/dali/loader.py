@@ -48,13 +48,17 @@ def _last_batch_policy(spec: LoaderSpec) -> LastBatchPolicy:
 
 
 def _dali_reason(err: RuntimeError) -> str:
-    """The line of a DALI error that says what happened (after its operator's traceback)."""
+    """DALI's multi-line error in one line: the operator that failed and what it encountered (the
+    graph's own traceback and the "pipeline no longer valid" lines left out)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    operator = next((line.split("`")[1] for line in lines if line.startswith("Error in ") and line.count("`") >= 2),
+                    None)
     if "encountered:" in lines:
-        rest = lines[lines.index("encountered:") + 1:]
-        if rest:
-            return rest[0]
-    return lines[-1] if lines else repr(err)
+        lines = lines[lines.index("encountered:") + 1:]
+    said = [line for line in lines if not line.startswith(("Current pipeline object", "C++ context",
+                                                           "Critical error in pipeline"))]
+    reason = "; ".join(dict.fromkeys(said)) or repr(err)
+    return f"{operator}: {reason}" if operator else reason
 
 
 def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> RuntimeError:
@@ -66,7 +70,7 @@ def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> RuntimeError
         # The same bad_alloc a huge image would cause: say which sizes asked for the memory.
         return OutOfMemoryError(f"DALI ran out of memory {where} with batches of {pipeline_batch_size(spec)} "
                                 f"images at up to {max(spec.schedule.all_scales)} px: {memory}")
-    return DataReadError(f"DALI could not read or decode an image {where}: {_dali_reason(err)}")
+    return DataReadError(f"DALI could not read or decode an image {where}. DALI said: {_dali_reason(err)}")
 
 
 def _build_pipeline(spec: LoaderSpec, *, first_epoch: int, checkpoint: bytes | None) -> Pipeline:
