@@ -79,6 +79,7 @@ SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 EVAL_FILE = "eval.json"
+SPLITS_FILE = "splits.json"  # the held-out files of the run, so evaluate measures those same files
 
 # Exit code of `msdali train` when it stopped on SIGTERM/SIGINT after saving a checkpoint:
 # EX_TEMPFAIL from sysexits.h, "try again later", which is what `--resume auto` then does.

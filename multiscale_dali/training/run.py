@@ -38,7 +38,14 @@ from multiscale_dali.training.resume import (
     restore_rng_state,
     run_dir_of,
 )
-from multiscale_dali.training.run_data import RunLoaders, dataset_root, prepare_splits, scan_cache_path, vet_splits
+from multiscale_dali.training.run_data import (
+    RunLoaders,
+    dataset_root,
+    prepare_splits,
+    scan_cache_path,
+    splits_fingerprint,
+    vet_splits,
+)
 from multiscale_dali.training.run_directory import check_fresh
 from multiscale_dali.training.run_files import RunFiles
 from multiscale_dali.training.run_lock import locked_run_directory
@@ -52,6 +59,7 @@ from multiscale_dali.training.run_setup import (
     seed_everything,
 )
 from multiscale_dali.training.signals import StartupInterrupted, StopRequest
+from multiscale_dali.training.split_record import split_record
 from multiscale_dali.training.trainer import EpochRecord, FitResult, NonFiniteLossError, StepEvent
 
 # dataset_root, scan_cache_path, vet_splits and resolve_amp live in run_data and run_setup; the CLI,
@@ -207,8 +215,10 @@ class _TrainingRun:
         self.splits: DatasetSplits = prepare_splits(config, context, root)
         self.task = resolve_task(self.splits.num_classes, config.task)
         self.schedule = build_schedule(config)
+        self.split_fingerprint = splits_fingerprint(self.splits)
         resolved = {"data": str(root), "backend": self.backend, "device": str(self.device), "task": self.task,
-                    "world_size": context.world_size, "global_batch_size": config.batch_size * context.world_size}
+                    "world_size": context.world_size, "global_batch_size": config.batch_size * context.world_size,
+                    "split_fingerprint": self.split_fingerprint}
         self.files = RunFiles(self.out_dir, is_main=context.is_main, common={
             "config": config.to_dict(), "resolved": resolved, "classes": list(self.splits.classes),
             "task": self.task, "schedule": self.schedule.to_dict()})
@@ -334,6 +344,7 @@ class _TrainingRun:
                     self._restore(*self.found)
                 self._stop_if_requested(stop)
                 self.files.write_config(dataset=self.splits.summary())
+                self.files.write_splits(split_record(self.splits, fingerprint=self.split_fingerprint))
                 stop.immediate = False
                 val_epoch = None if self.loaders.val is None else self.loaders.val.epoch
                 # The flag is combined over the ranks at every step boundary (torchrun forwards SIGTERM
