@@ -59,7 +59,12 @@ def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | Non
     if found is None:
         return None
     # Without --out, a checkpoint file continues in its own run directory, wherever it was moved.
-    return found[1]["config"] | {"out": str(run_dir_of(found[0]))}
+    config = found[1]["config"] | {"out": str(run_dir_of(found[0]))}
+    recorded_data = found[1].get("resolved", {}).get("data")
+    if config.get("data") is not None and recorded_data:
+        # The absolute path the run read: the flag's spelling may be relative to another directory.
+        config["data"] = recorded_data
+    return config
 
 
 def check_run_scales(config: TrainConfig) -> None:

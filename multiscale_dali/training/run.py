@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -21,7 +22,7 @@ from multiscale_dali.models.input_size import check_train_batch
 from multiscale_dali.training.best import all_finite
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
 from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
-from multiscale_dali.data.discovery import DatasetSplits
+from multiscale_dali.data.discovery import DataError, DatasetSplits
 from multiscale_dali.training.distributed import (
     DistributedContext,
     check_ranks_agree,
@@ -95,9 +96,20 @@ class ResumeWorldSizeError(CheckpointError):
 
 
 # ---------------------------------------------------------------------------------------- resuming
-def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+def _same_data(current: str | None, saved: str | None, recorded: str | None) -> bool:
+    """Whether ``--data`` names the checkpoint's dataset: ``./images`` and ``/abs/images`` do, and so
+    does the absolute path the run recorded (its ``saved`` spelling may be relative to another cwd)."""
+    if current is None or saved is None:
+        return current == saved
+    return os.path.realpath(current) in {os.path.realpath(p) for p in (saved, recorded) if p}
+
+
+def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path, *,
+                         recorded_data: str | None = None) -> None:
     """Settings that change what is trained must match the checkpoint's; errors name the flag."""
     current = config.to_dict()
+    if _same_data(config.data, saved.get("data"), recorded_data):
+        saved = saved | {"data": config.data}
     schedule_free_of_epochs = config.lr_schedule == "constant" and (config.mode == "multiscale" or config.schedule)
     if saved.get("epochs", config.epochs) != config.epochs and not schedule_free_of_epochs:
         raise ConfigError(
@@ -202,7 +214,8 @@ class _TrainingRun:
         if self.out_dir.resolve() != run_dir_of(path).resolve():
             # Continuing a run somewhere else starts a new run directory: never mix two runs' files.
             check_fresh(self.out_dir)
-        _check_resume_config(self.config, payload["config"], path)
+        _check_resume_config(self.config, payload["config"], path,
+                             recorded_data=payload.get("resolved", {}).get("data"))
         log.info("resuming from %s (epoch %d, step %d)", path,
                  payload["trainer"]["epoch"] + 1, payload["trainer"]["step_in_epoch"])
         return found
@@ -216,7 +229,8 @@ class _TrainingRun:
         self.task = resolve_task(self.splits.num_classes, config.task)
         self.schedule = build_schedule(config)
         self.split_fingerprint = splits_fingerprint(self.splits)
-        resolved = {"data": str(root), "backend": self.backend, "device": str(self.device), "task": self.task,
+        self._check_same_splits(root)
+        resolved = {"data": str(root.resolve()), "backend": self.backend, "device": str(self.device), "task": self.task,
                     "world_size": context.world_size, "global_batch_size": config.batch_size * context.world_size,
                     "split_fingerprint": self.split_fingerprint}
         self.files = RunFiles(self.out_dir, is_main=context.is_main, common={
@@ -231,6 +245,17 @@ class _TrainingRun:
         if context.is_distributed:
             log.info("%d processes, each with batch size %d: global batch %d; each split is sharded over the ranks",
                      context.world_size, config.batch_size, config.batch_size * context.world_size)
+
+    def _check_same_splits(self, root: Path) -> None:
+        """A resumed run trains on the checkpoint's splits: a dataset that changed since would mix two."""
+        if self.found is None:
+            return
+        path, payload = self.found
+        recorded = payload.get("resolved", {}).get("split_fingerprint")
+        if recorded is not None and recorded != self.split_fingerprint:
+            raise DataError(f"{root} changed since {path} was saved (files added, removed or renamed), so its "
+                            "splits differ from the ones the run trained on; restore the dataset, or train anew "
+                            "into another --out")
 
     def _build(self) -> None:
         config = self.config
