@@ -19,14 +19,16 @@ import math
 import numbers
 import os
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from multiscale_dali.errors import UserError
 from multiscale_dali.constants import DEFAULT_SPLIT_FRACTIONS, IMAGE_EXTENSIONS, SPLIT_NAMES
+from multiscale_dali.data.walk import overlaps_root, walk_dataset
 
 __all__ = [
     "DataError",
@@ -36,7 +38,6 @@ __all__ = [
     "is_image_file",
     "validate_fractions",
     "stratified_split_counts",
-    "walk_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def discover_dataset(
     if not root_path.is_dir():
         raise DataError(f"dataset path {root_path} is not a directory")
 
-    split_dirs = {name: root_path / name for name in SPLIT_NAMES if (root_path / name).is_dir()}
+    split_dirs = _split_folders(root_path)
     if _TRAIN not in split_dirs and split_dirs:
         found = ", ".join(sorted(split_dirs))
         raise DataError(
@@ -226,12 +227,29 @@ def discover_dataset(
     return _discover_flat(root_path, fractions=fractions, seed=seed)
 
 
+def _split_folders(root: Path) -> dict[str, Path]:
+    """``{split name: folder}`` of the split folders in ``root``, in any letter case (``Train/``,
+    ``VAL/``: an export from Windows or a labelling tool); two spellings of one split are an error."""
+    found: dict[str, Path] = {}
+    for folder in _list_dirs(root):
+        name = folder.name.lower()
+        if name not in SPLIT_NAMES:
+            continue
+        if name in found:
+            raise DataError(f"{root} has both {found[name].name}/ and {folder.name}/: which one is the {name} split? "
+                            "Merge them into one folder")
+        found[name] = folder
+        if folder.name != name:
+            logger.info("using %s as the %s split", folder, name)
+    return found
+
+
 def _discover_explicit(
     root: Path, split_dirs: dict[str, Path], *, fractions: tuple[float, float, float], seed: int
 ) -> DatasetSplits:
     """Layout (a): ``root/train/<class>`` plus optional ``root/val`` and ``root/test``."""
     extra = sorted(
-        p.name for p in _list_dirs(root) if p.name not in SPLIT_NAMES
+        p.name for p in _list_dirs(root) if p.name.lower() not in SPLIT_NAMES
     )
     if extra:
         logger.warning("ignoring folder(s) %s in %s: only %s are read", ", ".join(extra), root, "/".join(SPLIT_NAMES))
@@ -390,29 +408,36 @@ def _scan_class_folders(folder: Path, root: Path) -> dict[str, list[str]]:
         )
 
     by_class: dict[str, list[str]] = {}
+    skipped_in_folder: Counter[str] = Counter()
     for class_dir in class_dirs:
         files, skipped = _scan_images(class_dir, root)
         if not files:
-            detail = f" ({skipped} other file(s) skipped)" if skipped else ""
+            detail = f" ({sum(skipped.values())} other file(s) skipped)" if skipped else ""
             raise DataError(
                 f"class folder {class_dir} contains no image files{detail}; accepted extensions: "
                 f"{', '.join(IMAGE_EXTENSIONS)} (any case). Remove the folder or add images"
             )
         by_class[class_dir.name] = files
+        skipped_in_folder.update(skipped)
+    if skipped_in_folder:
+        # A folder of GIFs (or of .jpg files saved as .jfif) would otherwise shrink the dataset unnoticed.
+        kinds = ", ".join(f"{count} {ext or '(no extension)'}" for ext, count in skipped_in_folder.most_common())
+        logger.warning("%s: skipped %d file(s) that are not images of an accepted type (%s); accepted: %s",
+                       folder, sum(skipped_in_folder.values()), kinds, ", ".join(IMAGE_EXTENSIONS))
     return by_class
 
 
-def _scan_images(class_dir: Path, root: Path) -> tuple[list[str], int]:
+def _scan_images(class_dir: Path, root: Path) -> tuple[list[str], Counter[str]]:
     """Sorted absolute image paths below ``class_dir`` (recursively, like torchvision's
-    ImageFolder) and the number of non-hidden files skipped for their extension."""
+    ImageFolder) and the non-hidden files skipped for their extension, counted by extension."""
     files: list[str] = []
-    skipped = 0
+    skipped: Counter[str] = Counter()
     for dirpath, _, filenames in walk_dataset(class_dir, root=root):
         for name in filenames:
             if is_image_file(name):
                 files.append(os.path.join(dirpath, name))
             else:
-                skipped += 1
+                skipped[os.path.splitext(name)[1].lower()] += 1
     files.sort()
     return files, skipped
 
@@ -433,51 +458,10 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-# ---------------------------------------------------------------------------------------- the walk
-def _overlaps_root(target: str, root_real: str) -> bool:
-    """Whether ``target`` lies inside the dataset root or holds it (``/``, a parent of the root)."""
-    return os.path.commonpath([target, root_real]) in (target, root_real)
-
-
 def _check_linked_folder(folder: Path, root: Path) -> None:
     """A split or class folder that links into (or above) the dataset would read its files twice."""
     if folder.is_symlink():
         target = os.path.realpath(folder)
-        if _overlaps_root(target, os.path.realpath(root)):
+        if overlaps_root(target, os.path.realpath(root)):
             raise DataError(f"{folder} is a symlink to {target}, inside (or above) the dataset {root}: its images "
                             "would be read twice, under two labels or splits; replace the link by a real folder")
-
-
-def walk_dataset(
-    top: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
-) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk`` of ``top`` over non-hidden entries in sorted order: what discovery and the scan read.
-
-    Directory symlinks are followed, since datasets are often assembled from links (as torchvision's
-    ImageFolder does), except those that would show a file twice: a link into the dataset ``root``
-    (default ``top``) or to a folder holding it (a loop, which os.walk would follow 40 levels deep,
-    copying images across classes and splits), and a folder already walked (a loop outside the root).
-    Each link left out is logged.
-    """
-    root_real = os.path.realpath(root if root is not None else top)
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        kept = []
-        for name in sorted(d for d in dirnames if not _is_hidden(d)):
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path) and _overlaps_root(os.path.realpath(path), root_real):
-                logger.warning("not following %s: it links to %s, inside (or above) %s, whose files are read "
-                               "once already", path, os.path.realpath(path), root_real)
-                continue
-            kept.append(name)
-        dirnames[:] = kept
-        yield dirpath, dirnames, sorted(f for f in filenames if not _is_hidden(f))

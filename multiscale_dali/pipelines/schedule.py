@@ -189,7 +189,11 @@ def parse_steps(text: str) -> dict[int, int]:
         try:
             if not sep:
                 raise ValueError
-            steps[int(epoch)] = int(scale)
+            start, size = int(epoch), int(scale)
         except ValueError:
             raise ValueError(f"bad schedule step {part!r}: expected EPOCH:SCALE, e.g. 0:64,3:96") from None
+        if start in steps:  # the later one would silently replace the earlier
+            raise ValueError(f"epoch {start} has two steps ({start}:{steps[start]} and {part}); "
+                             "give one scale per epoch")
+        steps[start] = size
     return steps

@@ -58,6 +58,7 @@ from multiscale_dali.training.run_setup import (
     build_trainer,
     resolve_amp,
     seed_everything,
+    warn_unvisited_scales,
 )
 from multiscale_dali.training.signals import StartupInterrupted, StopRequest
 from multiscale_dali.training.split_record import split_record
@@ -228,6 +229,8 @@ class _TrainingRun:
         self.splits: DatasetSplits = prepare_splits(config, context, root)
         self.task = resolve_task(self.splits.num_classes, config.task)
         self.schedule = build_schedule(config)
+        warn_unvisited_scales(config, self.schedule)
+        self._warn_empty_splits()
         self.split_fingerprint = splits_fingerprint(self.splits)
         self._check_same_splits(root)
         resolved = {"data": str(root.resolve()), "backend": self.backend, "device": str(self.device), "task": self.task,
@@ -245,6 +248,14 @@ class _TrainingRun:
         if context.is_distributed:
             log.info("%d processes, each with batch size %d: global batch %d; each split is sharded over the ranks",
                      context.world_size, config.batch_size, config.batch_size * context.world_size)
+
+    def _warn_empty_splits(self) -> None:
+        if not len(self.splits.val):
+            log.warning("the validation split is empty: no epoch is chosen as best, the final weights become "
+                        "best.pt (add images, or a larger val fraction in --split-fractions)")
+        if not len(self.splits.test):
+            log.warning("the test split is empty: results.json will hold no test metrics (add images, or a "
+                        "larger test fraction in --split-fractions)")
 
     def _check_same_splits(self, root: Path) -> None:
         """A resumed run trains on the checkpoint's splits: a dataset that changed since would mix two."""

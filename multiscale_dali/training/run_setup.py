@@ -3,6 +3,7 @@ seeds, network, optimizer, learning-rate schedule and trainer."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -24,6 +25,8 @@ from multiscale_dali.training.distributed import DistributedContext
 from multiscale_dali.training.losses import ScaleConsistencyLoss, num_outputs
 from multiscale_dali.training.trainer import MultiScaleTrainer, ProgressiveMultiScaleTrainer, TrainerOptions
 
+log = logging.getLogger(__name__)
+
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on GPUs that support it, fp16 on older GPUs, off on CPU (slow there)."""
@@ -39,7 +42,12 @@ def build_schedule(config: TrainConfig) -> ScaleSchedule:
         return constant_schedule(config.scales)
     try:
         if config.schedule:
-            return stepwise_schedule(parse_steps(config.schedule))
+            steps = parse_steps(config.schedule)
+            late = sorted(epoch for epoch in steps if epoch >= config.epochs)
+            if late:
+                raise ValueError(f"step(s) {', '.join(f'{e}:{steps[e]}' for e in late)} start after the last epoch "
+                                 f"(--epochs {config.epochs} runs epochs 0-{config.epochs - 1}) and would never run")
+            return stepwise_schedule(steps)
         # Two scales: a ramp snapped to --ramp-multiple; more: the listed scales are the ramp's steps.
         return linear_ramp_schedule(
             min_scale=config.scales[0], max_scale=config.scales[-1], epochs=config.epochs,
@@ -47,6 +55,18 @@ def build_schedule(config: TrainConfig) -> ScaleSchedule:
         )
     except ValueError as err:
         raise ConfigError("schedule", str(err)) from None
+
+
+def warn_unvisited_scales(config: TrainConfig, schedule: ScaleSchedule) -> None:
+    """A progressive ramp over few epochs skips some of the listed --scales: say which."""
+    if config.mode != "progressive" or config.schedule:
+        return
+    visited = {scale for scales in schedule.describe(config.epochs) for scale in scales}
+    skipped = [scale for scale in config.scales if scale not in visited]
+    if skipped:
+        log.warning("--scales %s: the progressive ramp over %d epoch(s) never trains at %s; give more --epochs, "
+                    "or an explicit --schedule", ",".join(map(str, config.scales)), config.epochs,
+                    ", ".join(f"{s} px" for s in skipped))
 
 
 def seed_everything(seed: int) -> None:

@@ -12,7 +12,8 @@ from typing import Callable, Iterable, Sequence
 from PIL import Image
 
 from multiscale_dali.constants import DEFAULT_MAX_PIXELS
-from multiscale_dali.data.discovery import is_image_file, walk_dataset
+from multiscale_dali.data.discovery import is_image_file
+from multiscale_dali.data.walk import walk_dataset
 from multiscale_dali.data.scan.cache import Manifest
 from multiscale_dali.data.scan.report import (
     KIND_BAD,
@@ -151,7 +152,7 @@ def scan_tree(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
     """Scan every regular, non-hidden file below ``root`` (recursively, following symlinks as dataset
-    discovery does, see :func:`~multiscale_dali.data.discovery.walk_dataset`) and report folders
+    discovery does, see :func:`~multiscale_dali.data.walk.walk_dataset`) and report folders
     that hold no image file and no subfolder.
 
     Files with an image extension are checked by content as in :func:`scan_files`; any other file
