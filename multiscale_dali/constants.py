@@ -81,6 +81,9 @@ RESULTS_FILE = "results.json"
 EVAL_FILE = "eval.json"
 SPLITS_FILE = "splits.json"  # the held-out files of the run, so evaluate measures those same files
 
+# What --device accepts, for every command: a regular expression matched against the whole value.
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+
 # Exit code of `msdali train` when it stopped on SIGTERM/SIGINT after saving a checkpoint:
 # EX_TEMPFAIL from sysexits.h, "try again later", which is what `--resume auto` then does.
 EXIT_INTERRUPTED = 75

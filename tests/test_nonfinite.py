@@ -43,7 +43,8 @@ def test_a_recipe_inf_is_refused_like_a_flag():
 
 
 @pytest.mark.parametrize("changes, key", [({"seed": -1}, "seed"), ({"seed": 2**32}, "seed"),
-                                          ({"momentum": 1.0}, "momentum")])
+                                          ({"momentum": 1.0}, "momentum"), ({"workers": 10**6}, "workers"),
+                                          ({"scales": (32, 10**5)}, "scales")])
 def test_out_of_range_settings_name_their_flag(changes, key):
     with pytest.raises(ConfigError) as caught:
         TrainConfig(**changes)

@@ -18,6 +18,9 @@ from typing import Iterable, Mapping, Sequence
 
 
 SCALES_EXAMPLE = "64,96,128"
+# The largest scale accepted: one 16384 px RGB image is 768 MiB of pixels before any model sees it,
+# so anything above is a typo (an extra digit), refused here rather than as an allocation failure.
+MAX_SCALE = 16384
 
 
 def _scale(item: object, value: object) -> int:
@@ -51,6 +54,8 @@ def parse_scales(value: str | Iterable[int]) -> tuple[int, ...]:
         raise ValueError(f"{value!r} holds no scale; give at least one, e.g. {SCALES_EXAMPLE}")
     if any(s <= 0 for s in scales):
         raise ValueError(f"{value!r}: scales must be positive, got {min(scales)}")
+    if max(scales) > MAX_SCALE:
+        raise ValueError(f"{value!r}: scales are at most {MAX_SCALE} px, got {max(scales)}")
     if list(scales) != sorted(set(scales)):
         raise ValueError(f"{value!r}: scales must be strictly increasing (each once, smallest first), "
                          f"e.g. {SCALES_EXAMPLE}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +23,7 @@ from multiscale_dali.constants import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_SCALES,
     DEFAULT_SPLIT_FRACTIONS,
+    DEVICE_PATTERN,
     MODES,
     TASKS,
     TEACHERS,
@@ -50,6 +52,9 @@ def check_scales(scales: str | Sequence[int]) -> tuple[int, ...]:
 
 # numpy's and torch's seeding take unsigned 32-bit seeds.
 MAX_SEED = 2**32 - 1
+# More loader processes (torchvision) or threads (DALI) than any machine has cores: a typo, which
+# would otherwise fork until the machine stops.
+MAX_WORKERS = 512
 
 
 def _check_finite(config: "TrainConfig") -> None:
@@ -135,6 +140,8 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(key, f"must be >= 0, got {value}")
+        if self.workers > MAX_WORKERS:
+            raise ConfigError("workers", f"must be <= {MAX_WORKERS}, got {self.workers}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError("seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.momentum >= 1:
@@ -155,7 +162,7 @@ class TrainConfig:
             validate_fractions(self.split_fractions)
         except ValueError as err:
             raise ConfigError("split_fractions", str(err)) from None
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
 
     def replace(self, **changes: Any) -> "TrainConfig":
