@@ -34,17 +34,24 @@ def test_two_spellings_of_one_split_are_refused(tmp_path: Path):
         discover_dataset(tmp_path)
 
 
-@pytest.mark.parametrize("schedule, epochs, named", [("0:32,5:64", 3, "5:64"), ("0:32,0:64", 6, "two steps")])
-def test_schedule_steps_that_would_be_dropped_are_errors(schedule, epochs, named):
-    with pytest.raises(ConfigError, match=named) as caught:
-        build_schedule(TrainConfig(mode="progressive", schedule=schedule, epochs=epochs))
+def test_two_steps_for_one_epoch_are_an_error_not_a_silent_replacement():
+    with pytest.raises(ConfigError, match="two steps") as caught:
+        build_schedule(TrainConfig(mode="progressive", schedule="0:32,0:64"))
     assert caught.value.flag == "--schedule"
 
 
 def test_a_schedule_error_stops_the_command_before_the_data_is_read(tmp_path):
-    result = CliRunner().invoke(main, ["train", "--mode", "progressive", "--schedule", "0:32,9:64", "--epochs", "2",
+    result = CliRunner().invoke(main, ["train", "--mode", "progressive", "--schedule", "0:32,0:64",
                                        "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "--schedule" in result.output, result.output
+
+
+def test_schedule_steps_after_the_last_epoch_warn(caplog):
+    # Not an error: a run with --lr-schedule constant may be resumed with more epochs, and reach them.
+    config = TrainConfig(mode="progressive", schedule="0:32,5:64", epochs=3)
+    with caplog.at_level(logging.WARNING):
+        warn_unvisited_scales(config, build_schedule(config))
+    assert "5:64" in caplog.text and "start after the last epoch" in caplog.text
 
 
 def test_a_short_ramp_that_skips_listed_scales_warns(caplog):

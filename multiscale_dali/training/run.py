@@ -9,7 +9,6 @@ restores them through their own ``load_state_dict`` methods, and writes through
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -233,8 +232,9 @@ class _TrainingRun:
         self._warn_empty_splits()
         self.split_fingerprint = splits_fingerprint(self.splits)
         self._check_same_splits(root)
-        resolved = {"data": str(root.resolve()), "backend": self.backend, "device": str(self.device), "task": self.task,
-                    "world_size": context.world_size, "global_batch_size": config.batch_size * context.world_size,
+        resolved = {"data": str(root.resolve()), "backend": self.backend, "device": str(self.device),
+                    "task": self.task, "world_size": context.world_size,
+                    "global_batch_size": config.batch_size * context.world_size,
                     "split_fingerprint": self.split_fingerprint}
         self.files = RunFiles(self.out_dir, is_main=context.is_main, common={
             "config": config.to_dict(), "resolved": resolved, "classes": list(self.splits.classes),
@@ -395,9 +395,8 @@ class _TrainingRun:
                 if self.loaders is not None:  # None when building them failed
                     self.loaders.close()
         if test is None:
-            return dataclasses.replace(self._result(fit, test={}, interrupted=True,
-                                                    stop_signal=self._agreed_signal(stop.signal_name)),
-                                       test_pending=True)
+            return self._result(fit, test={}, interrupted=True, stop_signal=self._agreed_signal(stop.signal_name),
+                                test_pending=True)
         return self._result(fit, test=test)
 
     def _agreed_signal(self, own_signal: str | None) -> str | None:
@@ -455,10 +454,10 @@ class _TrainingRun:
         return metrics
 
     def _result(self, fit: FitResult, *, test: dict, interrupted: bool = False,
-                stop_signal: str | None = None) -> RunResult:
+                stop_signal: str | None = None, test_pending: bool = False) -> RunResult:
         return RunResult(
             out_dir=self.out_dir, backend=self.backend, device=str(self.device), task=self.task,
             classes=self.splits.classes, history=fit.history, best_epoch=self.trainer.best_epoch, test=test,
             dataset=self.splits.summary(), interrupted=interrupted, stop_signal=stop_signal,
-            rank=self.context.rank, world_size=self.context.world_size,
+            rank=self.context.rank, world_size=self.context.world_size, test_pending=test_pending,
         )

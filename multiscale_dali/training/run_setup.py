@@ -42,12 +42,7 @@ def build_schedule(config: TrainConfig) -> ScaleSchedule:
         return constant_schedule(config.scales)
     try:
         if config.schedule:
-            steps = parse_steps(config.schedule)
-            late = sorted(epoch for epoch in steps if epoch >= config.epochs)
-            if late:
-                raise ValueError(f"step(s) {', '.join(f'{e}:{steps[e]}' for e in late)} start after the last epoch "
-                                 f"(--epochs {config.epochs} runs epochs 0-{config.epochs - 1}) and would never run")
-            return stepwise_schedule(steps)
+            return stepwise_schedule(parse_steps(config.schedule))
         # Two scales: a ramp snapped to --ramp-multiple; more: the listed scales are the ramp's steps.
         return linear_ramp_schedule(
             min_scale=config.scales[0], max_scale=config.scales[-1], epochs=config.epochs,
@@ -58,8 +53,16 @@ def build_schedule(config: TrainConfig) -> ScaleSchedule:
 
 
 def warn_unvisited_scales(config: TrainConfig, schedule: ScaleSchedule) -> None:
-    """A progressive ramp over few epochs skips some of the listed --scales: say which."""
-    if config.mode != "progressive" or config.schedule:
+    """Say which scales the run never trains at: --schedule steps at or after --epochs (they run only
+    if the run is resumed with more epochs), or listed --scales a short progressive ramp skips."""
+    if config.mode != "progressive":
+        return
+    late = [(start, scales) for start, scales in schedule.stages if start >= config.epochs]
+    if late:
+        log.warning("--schedule: step(s) %s start after the last epoch (--epochs %d runs epochs 0-%d); they run "
+                    "only if the run is resumed with more --epochs", ", ".join(f"{e}:{s[0]}" for e, s in late),
+                    config.epochs, config.epochs - 1)
+    if config.schedule:
         return
     visited = {scale for scales in schedule.describe(config.epochs) for scale in scales}
     skipped = [scale for scale in config.scales if scale not in visited]

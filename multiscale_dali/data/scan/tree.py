@@ -135,11 +135,16 @@ def _check_all(to_check: Sequence[_Pending], *, limit: int, workers: int,
     verdicts: list[Verdict] = []
     with strict_pillow():
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
-            # map() yields in order on this thread, so the progress callback never runs concurrently.
-            for verdict in (map(check, to_check) if workers == 1 else pool.map(check, to_check)):
-                verdicts.append(verdict)
-                if on_progress is not None:
-                    on_progress(len(verdicts), len(to_check))
+            try:
+                # map() yields in order on this thread, so the progress callback never runs concurrently.
+                for verdict in (map(check, to_check) if workers == 1 else pool.map(check, to_check)):
+                    verdicts.append(verdict)
+                    if on_progress is not None:
+                        on_progress(len(verdicts), len(to_check))
+            except BaseException:
+                # A stop signal (or an error): drop the queued files instead of decoding them all first.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     return verdicts
 
 
