@@ -109,6 +109,10 @@ SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 EVAL_FILE = "eval.json"
+SPLITS_FILE = "splits.json"  # the held-out files of the run, so evaluate measures those same files
+
+# What --device accepts, for every command: a regular expression matched against the whole value.
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
 
 # `msdali export`: the largest |onnxruntime - PyTorch| logit difference accepted in float32 (kernels
 # sum in other orders, which moves logits by ~1e-5 on small nets; 1e-3 still catches any real graph

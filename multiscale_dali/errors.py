@@ -62,3 +62,26 @@ class ConfigError(UserError, ValueError):
     @property
     def detail(self) -> str:
         return self.message
+
+
+class OutOfMemoryError(UserError, RuntimeError, exit_code=EXIT_FAILURE,
+                       hint="Lower --batch-size or the largest of --scales (memory grows with batch x scale^2), "
+                            "or try --memory-efficient."):
+    """An allocation failed (host or device): the batch or the scales are too large for this machine."""
+
+
+# What an allocation failure says, wherever it happens: torch's CPU allocator, CUDA, DALI (C++
+# std::bad_alloc), NumPy and Pillow (MemoryError, whose message may be empty).
+_OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc",
+                          "failed to allocate")
+
+
+def out_of_memory_reason(err: BaseException) -> str | None:
+    """The line of ``err``'s message that says memory ran out; None when it is another error."""
+    text = str(err)
+    for line in text.splitlines():
+        if any(marker in line.lower() for marker in _OUT_OF_MEMORY_MARKERS):
+            return line.strip()[:300]
+    if isinstance(err, MemoryError):
+        return text.strip()[:300] or "MemoryError"
+    return None

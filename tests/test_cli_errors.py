@@ -145,7 +145,7 @@ def test_python_dash_m_runs_the_command_line():
 # ---------------------------------------------------------------------------------------- the training recipe
 @pytest.mark.parametrize("args, flag, allowed", [
     (["--mixup", "-1"], "--mixup", ">= 0"),
-    (["--cutmix", "nan"], "--cutmix", ">= 0"),
+    (["--cutmix", "nan"], "--cutmix", "finite"),
     (["--label-smoothing", "1.0"], "--label-smoothing", "[0, 1)"),
     (["--ema-decay", "1.5"], "--ema-decay", "(0, 1)"),
     (["--ema-decay", "-0.1"], "--ema-decay", "(0, 1)"),

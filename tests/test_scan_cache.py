@@ -213,3 +213,11 @@ def test_cached_check_does_not_depend_on_input_order(tree: Path, tmp_path: Path)
     assert [r.path for r in result.reports] == shuffled  # input order, the duplicate once
     assert result.cached_count == len(files)
 
+
+
+def test_a_folder_without_images_scans_to_an_empty_report(tmp_path):
+    from multiscale_dali.data.scan import scan_tree
+
+    (tmp_path / "empty").mkdir()
+    result = scan_tree(tmp_path / "empty", cache_path=tmp_path / "cache.json")
+    assert len(result.reports) == 0 and result.empty_dirs == (str(tmp_path / "empty"),)

@@ -52,7 +52,13 @@ from multiscale_dali.benchmark.config import (
     repeat_to_fill,
     samples_needed,
 )
-from multiscale_dali.benchmark.dataset import BenchData, describe_files, resolve_data, warm_page_cache
+from multiscale_dali.benchmark.dataset import (
+    BenchData,
+    check_readable,
+    describe_files,
+    resolve_data,
+    warm_page_cache,
+)
 from multiscale_dali.benchmark.goals import compute_ratios, evaluate_goals
 from multiscale_dali.benchmark.gpu import benchmark_gpu
 from multiscale_dali.benchmark.loaders import benchmark_loaders
@@ -143,6 +149,8 @@ def run_benchmark(
                 repeats=repeats, workers=workers)
     device = _resolve_device(device)
     chosen = resolve_data(data=data, synthetic=synthetic, cache_dir=cache_dir)
+    if data is not None:  # the generated and embedded photos are known to decode
+        check_readable(chosen)
     cfg = _bench_config(chosen, scales=scales, batch_size=batch_size, device=device, iters=iters, warmup=warmup,
                         repeats=repeats, workers=workers, dali_threads=dali_threads, seed=seed)
     warm_page_cache(chosen.files)

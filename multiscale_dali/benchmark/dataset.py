@@ -12,11 +12,16 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from multiscale_dali.benchmark.config import BYTES_PER_KIB
+from multiscale_dali.errors import EXIT_FAILURE, UserError
 
 # Block size of the page-cache warm-up reads.
 PAGE_CACHE_READ_BYTES = 1 << 20
 # Header reads for the dataset description: enough for a mean, cheap on a large folder.
 DESCRIBE_MAX_FILES = 200
+
+
+class BenchDataError(UserError, ValueError, flag="--data", exit_code=EXIT_FAILURE):
+    """The benchmark's folder holds images no backend can decode; the message lists them."""
 
 
 @dataclass(frozen=True)
@@ -77,3 +82,16 @@ def warm_page_cache(files: Iterable[str]) -> None:
         with open(path, "rb") as handle:
             while handle.read(PAGE_CACHE_READ_BYTES):
                 pass
+
+
+def check_readable(data: BenchData) -> None:
+    """The pre-flight scan ``msdali train`` runs (cached per file): a DALI pipeline stops at the first
+    bad image with a message that may not name it, so the files are vetted before any loader starts."""
+    from multiscale_dali.data.scan import scan_files
+    from multiscale_dali.training.run_data import scan_cache_path
+
+    result = scan_files(data.files, cache_path=scan_cache_path(data.root))
+    if result.bad:
+        raise BenchDataError(f"{data.root}: {len(result.bad)} file(s) cannot be decoded by every backend; fix or "
+                             f"remove them (`msdali scan --data {data.root}` lists every problem):\n"
+                             f"{result.describe_bad()}")

@@ -45,7 +45,7 @@ from multiscale_dali.benchmark.loaders import batch_stream, make_loader
 from multiscale_dali.benchmark.machine import describe_machine, usable_cpus
 from multiscale_dali.benchmark.memory import MEMORY_MODES, measure_step_memory
 from multiscale_dali.benchmark.step import make_trainer
-from multiscale_dali.fileio import atomic_write_text
+from multiscale_dali.fileio import atomic_write_text, dumps_json
 from multiscale_dali.pipelines.factory import dali_installed
 from multiscale_dali.pipelines.schedule import constant_schedule
 from multiscale_dali.pipelines.spec import LoaderSpec
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = run_gpu_check(config, out=out)
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, dumps_json(report, indent=2) + "\n")
     for name, part in report["parts"].items():
         log.info("%-12s %-7s %s", name, part["status"], part.get("reason", ""))
     log.info("report written to %s", out)

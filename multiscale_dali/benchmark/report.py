@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from multiscale_dali.benchmark.config import BASELINE, BYTES_PER_MIB
 from multiscale_dali.benchmark.goals import best_ips, safe_ratio
 from multiscale_dali.benchmark.memory import MEMORY_MODES
-from multiscale_dali.fileio import atomic_write_text
+from multiscale_dali.fileio import atomic_write_text, dumps_json
 
 
 def save_results(results: dict[str, Any], path: Path) -> None:
     """Write the results as indented JSON."""
-    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, dumps_json(results, indent=2, sort_keys=False) + "\n")
 
 
 def _fmt(value: float | None, spec: str = ",.0f") -> str:

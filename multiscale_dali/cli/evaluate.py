@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -47,7 +46,7 @@ def evaluate(checkpoint: str, data: str | None, split: str, scales: tuple[int, .
              json_path: str | None) -> None:
     """Accuracy, loss (and AUC for binary tasks) of a checkpoint at several resolutions, plus their ensemble."""
     from multiscale_dali.evaluation.evaluate import EvalOptions, default_eval_path, evaluate_checkpoint, format_report
-    from multiscale_dali.fileio import atomic_write_text
+    from multiscale_dali.fileio import atomic_write_text, dumps_json
 
     options = EvalOptions(scales=scales, split=split, data=data, backend=backend, device=device,
                           batch_size=batch_size, workers=workers, recalibrate_bn=recalibrate_bn, bn_batches=bn_batches,
@@ -61,5 +60,5 @@ def evaluate(checkpoint: str, data: str | None, split: str, scales: tuple[int, .
     for line in format_report(report):
         click.echo(line)
     out = Path(json_path) if json_path else default_eval_path(checkpoint)
-    atomic_write_text(out, json.dumps(report.to_json(), indent=2) + "\n")
+    atomic_write_text(out, dumps_json(report.to_json(), indent=2) + "\n")
     click.echo(f"wrote {out}")

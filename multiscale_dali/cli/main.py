@@ -23,7 +23,9 @@ from multiscale_dali.cli.predict import predict
 from multiscale_dali.cli.recipes import recipes
 from multiscale_dali.cli.scan import scan
 from multiscale_dali.cli.train import train
-from multiscale_dali.errors import UserError
+from multiscale_dali.errors import EXIT_FAILURE, OutOfMemoryError, UserError, out_of_memory_reason
+
+log = logging.getLogger(__name__)
 
 
 class UserErrorExit(click.ClickException):
@@ -34,6 +36,11 @@ class UserErrorExit(click.ClickException):
         self.exit_code = err.exit_code
 
 
+def _os_error_message(err: OSError) -> str:
+    where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    return f"{err.strerror or err}: {where}" if where else str(err.strerror or err)
+
+
 class MsdaliGroup(click.Group):
     """The command group; it turns the library's user errors into messages, for every command at once."""
 
@@ -42,6 +49,21 @@ class MsdaliGroup(click.Group):
             return super().invoke(ctx)
         except UserError as err:
             raise UserErrorExit(err) from None
+        except click.exceptions.Exit:  # --help and ctx.exit(): a RuntimeError, but no failure
+            raise
+        except (RuntimeError, MemoryError) as err:
+            reason = out_of_memory_reason(err)
+            if reason is None:
+                raise
+            log.debug("out of memory", exc_info=True)
+            raise UserErrorExit(OutOfMemoryError(f"out of memory: {reason}")) from None
+        except OSError as err:
+            # A full disk, a file removed or made unreadable under a running command: the machine's
+            # state, not a bug; -vv logs the traceback.
+            log.debug("I/O error", exc_info=True)
+            failure = click.ClickException(_os_error_message(err))
+            failure.exit_code = EXIT_FAILURE
+            raise failure from None
 
 
 @click.group(cls=MsdaliGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -33,7 +33,7 @@ def _verify_if_packed(root: Path) -> bool:
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Folder to scan (every file under it), or a packed directory to verify. "
                    "Default: the embedded texture photos.")
-@click.option("--max-image-pixels", type=int, default=None, help="Decompression-bomb cap, from the header.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, help="Decompression-bomb cap, from the header.")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="Also write the full report as JSON here.")
 def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -> None:
@@ -56,9 +56,9 @@ def scan(data: str | None, max_image_pixels: int | None, manifest: str | None) -
         raise DataError(f"{root} is not a directory")
     if _verify_if_packed(root):
         return
+    max_pixels = DEFAULT_MAX_PIXELS if max_image_pixels is None else max_image_pixels
     with CountProgress(desc="scan", unit="file", enabled=bars_enabled()) as progress:
-        result = scan_tree(root, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS, cache_path=scan_cache_path(root),
-                           on_progress=progress)
+        result = scan_tree(root, max_pixels=max_pixels, cache_path=scan_cache_path(root), on_progress=progress)
     for report in result.bad:
         click.echo(f"BAD       {report.path}: {report.reason}")
     for report in result.converted:

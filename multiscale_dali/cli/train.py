@@ -59,24 +59,33 @@ def _resumed_config(resume: str | None, out: str | None) -> dict[str, Any] | Non
     if found is None:
         return None
     # Without --out, a checkpoint file continues in its own run directory, wherever it was moved.
-    return found[1]["config"] | {"out": str(run_dir_of(found[0]))}
+    config = found[1]["config"] | {"out": str(run_dir_of(found[0]))}
+    recorded_data = found[1].get("resolved", {}).get("data")
+    if config.get("data") is not None and recorded_data:
+        # The absolute path the run read: the flag's spelling may be relative to another directory.
+        config["data"] = recorded_data
+    return config
 
 
 def check_run_scales(config: TrainConfig) -> None:
     """Refuse, before any data is read, a model that cannot run at one of the scales the run visits."""
-    from multiscale_dali.models.input_size import check_model_scales
+    from multiscale_dali.models.input_size import check_model_scales, check_train_batch
     from multiscale_dali.training.run import build_schedule
 
     # The head's width does not change which input sizes the network accepts, and the class count
     # is known only once the data is read: one output stands in for it.
-    check_model_scales(config.model, build_schedule(config).all_scales, num_outputs=1)
+    scales = build_schedule(config).all_scales
+    check_model_scales(config.model, scales, num_outputs=1)
+    check_train_batch(config.model, scales, batch_size=config.batch_size, num_outputs=1)
 
 
 def _report(result: Any, config: TrainConfig, *, plot: bool, echo: Callable[..., None]) -> None:
     """The end of a run: why it stopped early, or its test results and where to look next."""
     if result.interrupted:
         why = f"{result.stop_signal} (requeue signal)" if result.requeue else result.stop_signal
-        echo(f"stopped by {why}; checkpoint saved. Continue with: msdali train --out {config.out} --resume auto")
+        during = " during the final test pass (training is done)" if result.test_pending else ""
+        echo(f"stopped by {why}{during}; checkpoint saved. Continue with: "
+             f"msdali train --out {config.out} --resume auto")
         sys.exit(EXIT_REQUEUE if result.requeue else EXIT_INTERRUPTED)
     best = None if result.best_epoch is None else result.best_epoch + 1
     echo(f"backend {result.backend} on {result.device}; best epoch {best}")
@@ -111,17 +120,22 @@ def train(config_path: str | None, resume: str | None, plot_at_end: bool, tensor
     --resume auto continues.
     """
     from multiscale_dali.training.run import run_training
-    from multiscale_dali.training.signals import resolve_requeue_signal
+    from multiscale_dali.training.signals import StartupInterrupted, StopRequest, resolve_requeue_signal
 
-    resumed = _resumed_config(resume, flags.get("out"))
-    config = build_train_config(config_path, flags, resumed=resumed)
-    check_run_scales(config)
-    check_extras(tensorboard=tensorboard, plot=plot_at_end)
-    requeue = resolve_requeue_signal(requeue_signal)
     # Under torchrun every rank runs this command; only rank 0 talks (and writes, see training/run.py).
     echo = click.echo if os.environ.get("RANK", "0") == "0" else (lambda *_a, **_k: None)
-    echo(f"run directory: {config.out}")
-    with train_reporter(epochs=config.epochs, out=config.out, tensorboard=tensorboard) as reporter:
-        result = run_training(config, resume=resume, on_epoch_end=reporter.epoch_end, on_step=reporter.step,
-                              requeue_signal=requeue)
+    try:
+        with StopRequest(immediate=True):  # checking the flags and the model: nothing to save yet
+            resumed = _resumed_config(resume, flags.get("out"))
+            config = build_train_config(config_path, flags, resumed=resumed)
+            check_run_scales(config)
+            check_extras(tensorboard=tensorboard, plot=plot_at_end)
+            requeue = resolve_requeue_signal(requeue_signal)
+        echo(f"run directory: {config.out}")
+        with train_reporter(epochs=config.epochs, out=config.out, tensorboard=tensorboard) as reporter:
+            result = run_training(config, resume=resume, on_epoch_end=reporter.epoch_end, on_step=reporter.step,
+                                  requeue_signal=requeue)
+    except StartupInterrupted as stopped:
+        echo(f"{stopped}; nothing to resume from yet: run the same command again")
+        sys.exit(EXIT_INTERRUPTED)
     _report(result, config, plot=plot_at_end, echo=echo)

@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,7 @@ import numpy as np
 
 from multiscale_dali.errors import UserError
 from multiscale_dali.constants import DEFAULT_SPLIT_FRACTIONS, IMAGE_EXTENSIONS, SPLIT_NAMES
+from multiscale_dali.data.walk import overlaps_root, walk_dataset
 
 __all__ = [
     "DataError",
@@ -212,7 +214,7 @@ def discover_dataset(
     if not root_path.is_dir():
         raise DataError(f"dataset path {root_path} is not a directory")
 
-    split_dirs = {name: root_path / name for name in SPLIT_NAMES if (root_path / name).is_dir()}
+    split_dirs = _split_folders(root_path)
     if _TRAIN not in split_dirs and split_dirs:
         found = ", ".join(sorted(split_dirs))
         raise DataError(
@@ -221,9 +223,28 @@ def discover_dataset(
             f"or put the class folders directly in {root_path}"
         )
 
+    for split_dir in split_dirs.values():
+        _check_linked_folder(split_dir, root_path)
     if _TRAIN in split_dirs:
         return _discover_explicit(root_path, split_dirs, fractions=fractions, seed=seed)
     return _discover_flat(root_path, fractions=fractions, seed=seed)
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """``{split name: folder}`` of the split folders in ``root``, in any letter case (``Train/``,
+    ``VAL/``: an export from Windows or a labelling tool); two spellings of one split are an error."""
+    found: dict[str, Path] = {}
+    for folder in _list_dirs(root):
+        name = folder.name.lower()
+        if name not in SPLIT_NAMES:
+            continue
+        if name in found:
+            raise DataError(f"{root} has both {found[name].name}/ and {folder.name}/: which one is the {name} split? "
+                            "Merge them into one folder")
+        found[name] = folder
+        if folder.name != name:
+            logger.info("using %s as the %s split", folder, name)
+    return found
 
 
 def _discover_explicit(
@@ -231,12 +252,12 @@ def _discover_explicit(
 ) -> DatasetSplits:
     """Layout (a): ``root/train/<class>`` plus optional ``root/val`` and ``root/test``."""
     extra = sorted(
-        p.name for p in _list_dirs(root) if p.name not in SPLIT_NAMES
+        p.name for p in _list_dirs(root) if p.name.lower() not in SPLIT_NAMES
     )
     if extra:
         logger.warning("ignoring folder(s) %s in %s: only %s are read", ", ".join(extra), root, "/".join(SPLIT_NAMES))
 
-    train_by_class = _scan_class_folders(split_dirs[_TRAIN])
+    train_by_class = _scan_class_folders(split_dirs[_TRAIN], root)
     classes = tuple(sorted(train_by_class))
     _check_class_count(classes, split_dirs[_TRAIN])
     index = {name: i for i, name in enumerate(classes)}
@@ -245,7 +266,7 @@ def _discover_explicit(
     for name in (_VAL, _TEST):
         if name not in split_dirs:
             continue
-        by_class = _scan_class_folders(split_dirs[name])
+        by_class = _scan_class_folders(split_dirs[name], root)
         unknown = sorted(set(by_class) - set(index))
         if unknown:
             raise DataError(
@@ -288,7 +309,7 @@ def _discover_explicit(
 
 def _discover_flat(root: Path, *, fractions: tuple[float, float, float], seed: int) -> DatasetSplits:
     """Layout (b): ``root/<class>/*``, split into train / val / test by ``fractions``."""
-    by_class = _scan_class_folders(root)
+    by_class = _scan_class_folders(root, root)
     classes = tuple(sorted(by_class))
     _check_class_count(classes, root)
     index = {name: i for i, name in enumerate(classes)}
@@ -369,9 +390,11 @@ def _check_class_count(classes: tuple[str, ...], folder: Path) -> None:
         )
 
 
-def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
+def _scan_class_folders(folder: Path, root: Path) -> dict[str, list[str]]:
     """``{class name: sorted absolute image paths}`` for every non-hidden subfolder of ``folder``."""
     class_dirs = _list_dirs(folder)
+    for class_dir in class_dirs:
+        _check_linked_folder(class_dir, root)
     if not class_dirs:
         loose_images = sum(1 for entry in _list_entries(folder) if entry.is_file() and is_image_file(entry.name))
         hint = (
@@ -389,51 +412,40 @@ def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
         )
 
     by_class: dict[str, list[str]] = {}
+    skipped_in_folder: Counter[str] = Counter()
     for class_dir in class_dirs:
-        files, skipped = _scan_images(class_dir)
+        files, skipped = _scan_images(class_dir, root)
         if not files:
-            detail = f" ({skipped} other file(s) skipped)" if skipped else ""
+            detail = f" ({sum(skipped.values())} other file(s) skipped)" if skipped else ""
             raise DataError(
                 f"class folder {class_dir} contains no image files{detail}; accepted extensions: "
                 f"{', '.join(IMAGE_EXTENSIONS)} (any case). Remove the folder or add images"
             )
         by_class[class_dir.name] = files
+        skipped_in_folder.update(skipped)
+    if skipped_in_folder:
+        # A folder of GIFs (or of .jpg files saved as .jfif) would otherwise shrink the dataset unnoticed.
+        kinds = ", ".join(f"{count} {ext or '(no extension)'}" for ext, count in skipped_in_folder.most_common())
+        logger.warning("%s: skipped %d file(s) that are not images of an accepted type (%s); accepted: %s",
+                       folder, sum(skipped_in_folder.values()), kinds, ", ".join(IMAGE_EXTENSIONS))
     return by_class
 
 
-def _scan_images(class_dir: Path) -> tuple[list[str], int]:
+def _scan_images(class_dir: Path, root: Path) -> tuple[list[str], Counter[str]]:
     """Sorted absolute image paths below ``class_dir`` (recursively, like torchvision's
-    ImageFolder) and the number of non-hidden files skipped for their extension.
+    ImageFolder) and the non-hidden files skipped for their extension, counted by extension.
 
-    ``os.scandir`` with ``DirEntry.is_dir`` (the type readdir reports: no stat per file) and
-    ``DirEntry.path`` (joined in C): no per-file ``os.path`` call or ``Path`` object, since this
-    runs once per file of the dataset at every run start.
+    No per-file ``os.path`` call or ``Path`` object (one string concatenation and one C-level suffix
+    test per file), since this runs once per file of the dataset at every run start.
     """
     files: list[str] = []
-    skipped = 0
-    pending = [os.fspath(class_dir)]
-    seen: set[tuple[int, int]] = set()
-    while pending:
-        folder = pending.pop()
-        try:
-            # Symlinked folders are followed, as by torchvision's ImageFolder (datasets are often
-            # assembled from symlinks), but a folder already listed is not listed again: a symlink
-            # loop would otherwise repeat every file below it.
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            with os.scandir(folder) as it:
-                entries = [entry for entry in it if not entry.name.startswith(".")]
-        except OSError:  # unreadable subfolders are skipped, as os.walk does
-            continue
-        for entry in entries:
-            if _entry_is_dir(entry):
-                pending.append(entry.path)
-            elif entry.name.lower().endswith(_IMAGE_SUFFIXES):
-                files.append(entry.path)
+    skipped: Counter[str] = Counter()
+    for dirpath, _, filenames in walk_dataset(class_dir, root=root):
+        for name in filenames:
+            if name.lower().endswith(_IMAGE_SUFFIXES):
+                files.append(dirpath + os.sep + name)
             else:
-                skipped += 1
+                skipped[os.path.splitext(name)[1].lower()] += 1
     files.sort()
     return files, skipped
 
@@ -459,3 +471,12 @@ def _list_dirs(folder: Path) -> list[Path]:
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+def _check_linked_folder(folder: Path, root: Path) -> None:
+    """A split or class folder that links into (or above) the dataset would read its files twice."""
+    if folder.is_symlink():
+        target = os.path.realpath(folder)
+        if overlaps_root(target, os.path.realpath(root)):
+            raise DataError(f"{folder} is a symlink to {target}, inside (or above) the dataset {root}: its images "
+                            "would be read twice, under two labels or splits; replace the link by a real folder")

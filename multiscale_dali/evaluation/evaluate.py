@@ -24,6 +24,7 @@ The model rebuild lives in ``model``, the table in ``report``, image-file predic
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from multiscale_dali.constants import TTA_CHOICES, Backend, Tta
+from multiscale_dali.constants import SPLITS_FILE, TTA_CHOICES, Backend, Tta
 from multiscale_dali.data.discovery import DataError, DatasetSplits, SplitFiles, discover_dataset
 from multiscale_dali.data.packed import PackedSplit, PackedSplits, is_packed_dir, load_packed
 from multiscale_dali.evaluation.batchnorm import recalibrate_batchnorm
@@ -90,7 +91,8 @@ def resolve_data_root(loaded: LoadedModel, data: str | Path | None) -> Path:
 
 
 def load_splits(loaded: LoadedModel, root: Path) -> DatasetSplits | PackedSplits:
-    """The run's splits of ``root``: same fractions and seed, so a carved-out split is the same one.
+    """The run's splits of ``root``: same fractions and seed, so a carved-out split is the same one;
+    on the run's own dataset, its recorded val and test files (see ``training.split_record``).
 
     Files the pre-flight scan finds unreadable are left out with a warning naming them (DALI cannot
     skip a bad file mid-pass); ``num_samples`` in the report shows what was measured. A packed
@@ -106,7 +108,39 @@ def load_splits(loaded: LoadedModel, root: Path) -> DatasetSplits | PackedSplits
             f"{root} has classes {', '.join(splits.classes)}, the checkpoint was trained on "
             f"{', '.join(loaded.classes)}"
         )
-    return vet_splits(splits, loaded.config.replace(on_bad_file="skip"))
+    lenient = loaded.config.replace(on_bad_file="skip")
+    vetted = vet_splits(splits, lenient)  # what the run fingerprinted: the splits after its scan
+    recorded = _as_recorded(loaded, vetted)
+    # Recorded files were good when the run read them; the scan cache makes this second look cheap.
+    return vetted if recorded is vetted else vet_splits(recorded, lenient)
+
+
+def _as_recorded(loaded: LoadedModel, splits: DatasetSplits) -> DatasetSplits:
+    """The run's own dataset split as the run split it: its recorded held-out files, or an error when
+    only the fingerprint is recorded and the dataset changed (a re-split could test on train images).
+
+    Another dataset (``--data`` elsewhere) is split afresh: it shares no images with the training.
+    """
+    from multiscale_dali.training.run_data import splits_fingerprint
+    from multiscale_dali.training.split_record import read_split_record, recorded_splits
+
+    recorded_root, fingerprint = loaded.resolved.get("data"), loaded.resolved.get("split_fingerprint")
+    if not recorded_root or os.path.realpath(recorded_root) != os.path.realpath(splits.root):
+        return splits
+    record = read_split_record(loaded.run_dir)
+    current = splits_fingerprint(splits)
+    if record is not None:
+        if record.get("fingerprint") != current:
+            log.warning("%s changed since the run split it: evaluating the val/test files the run recorded in %s",
+                        splits.root, loaded.run_dir / SPLITS_FILE)
+        return recorded_splits(splits, record, source=loaded.run_dir / SPLITS_FILE)
+    if fingerprint is not None and fingerprint != current:
+        raise DataError(
+            f"{splits.root} changed since the checkpoint was trained (files added, removed or renamed), and its "
+            f"split was not recorded ({loaded.run_dir / SPLITS_FILE} is missing): a fresh split could put training "
+            "images in the test split. Evaluate on the dataset as it was, or copy the run's splits.json beside "
+            "the checkpoint")
+    return splits
 
 
 def _packed_splits(loaded: LoadedModel, root: Path) -> PackedSplits:

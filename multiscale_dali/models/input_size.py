@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from multiscale_dali.errors import ConfigError
 from multiscale_dali.models.registry import IMAGE_CHANNELS, ModelError, build_model, is_timm_name
 
 log = logging.getLogger(__name__)
@@ -118,3 +119,40 @@ def check_model_scales(name: str, scales: Sequence[int], *, num_outputs: int) ->
         raise ModelError(f"{name} cannot run at {listed}: the smallest scale it accepts is {smallest} px (its "
                          f"layers shrink smaller images to nothing); use scales of at least {smallest} px "
                          "or a shallower model")
+
+
+@functools.lru_cache(maxsize=None)
+def _single_sample_error(name: str, scale: int, num_outputs: int) -> str | None:
+    """What a training-mode forward of one ``scale`` px sample raises (BatchNorm over a 1x1 map
+    has one value per channel and no variance), or None when it runs."""
+
+    def attempt(device: torch.device) -> str | None:
+        with device:
+            model = build_model(name, num_outputs=num_outputs).train()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, IMAGE_CHANNELS, scale, scale, device=device))
+        except ValueError as err:
+            return str(err)
+        except RuntimeError:  # a size problem: check_model_scales reports those
+            return None
+        return None
+
+    try:
+        return attempt(META)
+    except NotImplementedError:
+        return attempt(CPU)
+
+
+def check_train_batch(name: str, scales: Sequence[int], *, batch_size: int, num_outputs: int) -> None:
+    """Raise :class:`ConfigError` on ``batch_size`` when model ``name`` cannot train on batches of
+    that many samples at the smallest of ``scales``: BatchNorm refuses a single value per channel,
+    which a batch of one gives wherever a layer's feature map is down to 1x1."""
+    if batch_size > 1:
+        return
+    scale = min(scales)
+    error = _single_sample_error(name, scale, num_outputs)
+    if error is not None:
+        raise ConfigError("batch_size", f"{name} cannot train on a batch of {batch_size} at {scale} px: its "
+                          f"BatchNorm layers then see one value per channel ({error}); use --batch-size 2 or "
+                          "more, or larger --scales")

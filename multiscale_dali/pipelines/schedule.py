@@ -26,6 +26,9 @@ SCALES_EXAMPLE = "64,96,128"
 # eight epochs at lr ~1e-4 and ended 29 points below single-scale training on held-out digits; see
 # docs/results.md for what this default costs and saves.
 RAMP_END_FRACTION = 0.25
+# The largest scale accepted: one 16384 px RGB image is 768 MiB of pixels before any model sees it,
+# so anything above is a typo (an extra digit), refused here rather than as an allocation failure.
+MAX_SCALE = 16384
 
 
 def _scale(item: object, value: object) -> int:
@@ -59,6 +62,8 @@ def parse_scales(value: str | Iterable[int]) -> tuple[int, ...]:
         raise ValueError(f"{value!r} holds no scale; give at least one, e.g. {SCALES_EXAMPLE}")
     if any(s <= 0 for s in scales):
         raise ValueError(f"{value!r}: scales must be positive, got {min(scales)}")
+    if max(scales) > MAX_SCALE:
+        raise ValueError(f"{value!r}: scales are at most {MAX_SCALE} px, got {max(scales)}")
     if list(scales) != sorted(set(scales)):
         raise ValueError(f"{value!r}: scales must be strictly increasing (each once, smallest first), "
                          f"e.g. {SCALES_EXAMPLE}")
@@ -198,7 +203,11 @@ def parse_steps(text: str) -> dict[int, int]:
         try:
             if not sep:
                 raise ValueError
-            steps[int(epoch)] = int(scale)
+            start, size = int(epoch), int(scale)
         except ValueError:
             raise ValueError(f"bad schedule step {part!r}: expected EPOCH:SCALE, e.g. 0:64,3:96") from None
+        if start in steps:  # the later one would silently replace the earlier
+            raise ValueError(f"epoch {start} has two steps ({start}:{steps[start]} and {part}); "
+                             "give one scale per epoch")
+        steps[start] = size
     return steps

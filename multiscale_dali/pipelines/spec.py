@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol
 
+from multiscale_dali.errors import EXIT_FAILURE, UserError
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.constants import (
     DEFAULT_CROP_AREA,
@@ -32,6 +33,26 @@ from multiscale_dali.constants import (
 from multiscale_dali.data.shard_format import DEFAULT_SHUFFLE_BUFFER, Manifest
 from multiscale_dali.pipelines.augment import AutoAugmentSpec
 from multiscale_dali.pipelines.schedule import ScaleSchedule
+
+
+class DataReadError(UserError, RuntimeError, exit_code=EXIT_FAILURE,
+                    hint="Files that passed the pre-flight scan were changed, moved or deleted during the run, or "
+                         "--no-scan let a bad one through; the run's checkpoints are kept (--resume auto continues)."):
+    """A loader could not read or decode an image in the middle of a run; the message names the file."""
+
+
+def worker_message(err: BaseException) -> str:
+    """``err``'s own message, without the traceback a DataLoader worker wraps around it.
+
+    A worker's exception reaches the main process as the same type, with ``Caught X in DataLoader
+    worker process N. Original Traceback ...`` and the formatted traceback as its message; the last
+    line is the original ``module.Type: message``.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 @dataclass(frozen=True)

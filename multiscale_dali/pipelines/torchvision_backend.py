@@ -27,7 +27,7 @@ from torchvision.transforms.v2 import functional as F
 
 from multiscale_dali.constants import Backend
 from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
-from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.spec import DataReadError, LoaderSpec, worker_message
 from multiscale_dali.pipelines.augment import build_tv_auto_augment
 from multiscale_dali.pipelines.sampling import (
     AUGMENT_STREAM,
@@ -97,6 +97,18 @@ class ScheduledBatchSampler(Sampler[list[SampleKey]]):
         return iter(epoch_batches(self.spec, self._epoch)[self._first_step :])
 
 
+def _unwrapped(batches: Iterator) -> Iterator:
+    """``batches``, with an unreadable image reported in one line, not inside a worker's traceback."""
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except DataReadError as err:
+            raise DataReadError(worker_message(err)) from None
+        yield item
+
+
 def load_rgb(path: str) -> torch.Tensor:
     """uint8 ``[3, H, W]`` of any image file, EXIF orientation applied (as DALI's decoder does)."""
     try:
@@ -117,7 +129,7 @@ def _load_rgb_pil(path: str) -> torch.Tensor:
             with Image.open(path) as image:
                 rgb = ImageOps.exif_transpose(image).convert("RGB")  # palette, CMYK, RGBA, L -> RGB
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise RuntimeError(f"cannot decode image file {path!r}: {err}") from err
+        raise DataReadError(f"cannot read image file {path!r}: {err}") from err
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
@@ -286,7 +298,7 @@ class TorchvisionLoader:
     def _batches(self, batches: Iterator, epoch: int, first_step: int) -> Iterator[MultiScaleBatch]:
         scales = self.spec.schedule.scales_at(epoch)
         step = first_step
-        for step, (images, labels, *valid) in enumerate(batches, start=first_step + 1):
+        for step, (images, labels, *valid) in enumerate(_unwrapped(batches), start=first_step + 1):
             if sorted(images) != list(scales):
                 raise RuntimeError(f"epoch {epoch} produced scales {sorted(images)}, schedule says {list(scales)}")
             # A file dataset's padding follows from the position; a shard dataset says it per sample.

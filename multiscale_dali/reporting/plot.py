@@ -69,15 +69,28 @@ def read_run(run_dir: str | Path) -> RunFiles:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise PlotError(f"{metrics} line {number} is not JSON: {err}") from None
-        by_epoch[int(record["epoch"])] = record  # a resumed run's re-trained epoch replaces the old
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise PlotError(f"{metrics} line {number} is not an epoch record (an object with an integer 'epoch')")
+        by_epoch[record["epoch"]] = record  # a resumed run's re-trained epoch replaces the old
     if not by_epoch:
         raise PlotError(f"{metrics} is empty: no epoch has finished yet")
     config_path, eval_path = run_dir / CONFIG_FILE, run_dir / EVAL_FILE
-    return RunFiles(
-        run_dir=run_dir, epochs=[by_epoch[e] for e in sorted(by_epoch)],
-        config=json.loads(config_path.read_text()) if config_path.is_file() else {},
-        evaluation=json.loads(eval_path.read_text()) if eval_path.is_file() else None,
-    )
+    config = _json_object(config_path)
+    return RunFiles(run_dir=run_dir, epochs=[by_epoch[e] for e in sorted(by_epoch)],
+                    config={} if config is None else config, evaluation=_json_object(eval_path))
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlotError(f"{path} is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise PlotError(f"{path} is not a JSON object")
+    return value
 
 
 def schedule_by_epoch(config: dict[str, Any], epochs: int) -> list[tuple[int, ...]]:
@@ -225,7 +238,13 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None) -> list[
         figures["resolution.png"] = ([draw_resolution], 1)
         summary.append(draw_resolution)
     figures["summary.png"] = (summary, 2)
-    written = [_save_figure(target / name, panels, run, columns=columns) for name, (panels, columns) in figures.items()]
+    try:
+        written = [_save_figure(target / name, panels, run, columns=columns)
+                   for name, (panels, columns) in figures.items()]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        # Valid JSON of another shape (hand-edited, another version's run): say so, not a traceback.
+        raise PlotError(f"{run.run_dir}: its metrics.jsonl, config.json or eval.json does not hold what a "
+                        f"run writes ({type(err).__name__}: {err})") from None
     log.debug("wrote %s", ", ".join(str(p) for p in written))
     return written
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -21,7 +22,13 @@ class BestEpoch:
         self.weights: dict[str, torch.Tensor] | None = None
 
     def offer(self, epoch: int, metrics: Mapping[str, float], net: nn.Module) -> bool:
-        """Keep ``net``'s weights when ``metrics`` beat the best so far; whether they did."""
+        """Keep ``net``'s weights when ``metrics`` beat the best so far; whether they did.
+
+        A non-finite loss or accuracy never wins: a diverged model (NaN weights) still predicts some
+        class, so its accuracy alone could beat a trained model's.
+        """
+        if not (math.isfinite(metrics["accuracy"]) and math.isfinite(metrics["loss"])):
+            return False
         # Higher accuracy wins; lower loss breaks ties (small validation sets tie often).
         score = (metrics["accuracy"], -metrics["loss"])
         if self.score is None or score > self.score:
@@ -50,3 +57,8 @@ class BestEpoch:
         self.score = None if state["best_score"] is None else tuple(state["best_score"])
         self.epoch = state["best_epoch"]
         self.weights = None
+
+
+def all_finite(net: nn.Module) -> bool:
+    """Whether every weight and buffer of ``net`` is finite (a diverged run's are NaN or inf)."""
+    return all(bool(torch.isfinite(t).all()) for t in net.state_dict().values() if t.is_floating_point())

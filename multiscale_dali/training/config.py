@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,6 +23,7 @@ from multiscale_dali.constants import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_SCALES,
     DEFAULT_SPLIT_FRACTIONS,
+    DEVICE_PATTERN,
     MODES,
     TASKS,
     TEACHERS,
@@ -52,6 +55,22 @@ def check_scales(scales: str | Sequence[int]) -> tuple[int, ...]:
         return parse_scales(scales)
     except ValueError as err:
         raise ConfigError("scales", str(err)) from None
+
+
+# numpy's and torch's seeding take unsigned 32-bit seeds.
+MAX_SEED = 2**32 - 1
+# More loader processes (torchvision) or threads (DALI) than any machine has cores: a typo, which
+# would otherwise fork until the machine stops.
+MAX_WORKERS = 512
+
+
+def _check_finite(config: "TrainConfig") -> None:
+    """Every number finite: a NaN compares False with every bound below, and an inf learning rate,
+    weight decay or clip turns the model into NaN that would then be saved as if it were trained."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(field.name, f"must be a finite number, got {value}")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -128,6 +147,7 @@ class TrainConfig:
         _choice("default_dataset", self.default_dataset, DEFAULT_DATASETS)
         _choice("on_bad_file", self.on_bad_file, BAD_FILE_POLICIES)
         check_scales(self.scales)
+        _check_finite(self)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "ramp_multiple": self.ramp_multiple,
                     "max_image_pixels": self.max_image_pixels}
         for key, value in positive.items():
@@ -145,6 +165,13 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(key, f"must be >= 0, got {value}")
+        if self.workers > MAX_WORKERS:
+            raise ConfigError("workers", f"must be <= {MAX_WORKERS}, got {self.workers}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.momentum >= 1:
+            raise ConfigError("momentum", f"must be < 1 (a momentum of 1 or more never forgets a step and "
+                              f"diverges), got {self.momentum}")
         if self.schedule and self.mode != "progressive":
             raise ConfigError("schedule", "applies to --mode progressive only (multiscale trains every --scales each step)")
         if self.mode == "progressive" and self.consistency_weight > 0:
@@ -165,7 +192,7 @@ class TrainConfig:
             validate_fractions(self.split_fractions)
         except ValueError as err:
             raise ConfigError("split_fractions", str(err)) from None
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
         check_recipe_fields(self)
 
@@ -253,7 +280,11 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     """Read a TOML recipe (a file or a bundled name): (its ``[train]`` table, its description)."""
     path = resolve_recipe(path)
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ConfigError("config", f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not a text file (TOML is UTF-8 text)") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError("config", f"{path} is not valid TOML: {err}") from None
     unknown = sorted(set(doc) - {"description", "train"})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from multiscale_dali.constants import DEVICE_PATTERN
 from multiscale_dali.errors import ConfigError, EXIT_FAILURE, UserError
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,8 @@ def resolve_device(device: str, *, local_rank: int = 0, local_world_size: int = 
     GPU, ``cuda:LOCAL_RANK``. An explicit ``cuda:N`` is honoured for a single process per node only:
     several processes on one GPU would share its memory and NCCL refuses duplicate GPUs.
     """
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise ConfigError("device", f"{device!r} is not auto, cpu, cuda or cuda:N")
     if device == "cpu":
         return torch.device("cpu")
     if device == "auto" and not torch.cuda.is_available():

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from multiscale_dali.errors import ConfigError
 from multiscale_dali.constants import CONSISTENCY_TYPES, TASKS, TEACHERS
 
 BINARY = "binary"
@@ -60,9 +61,10 @@ def resolve_task(num_classes: int, task: str = "auto") -> str:
     if task == "auto":
         return BINARY if num_classes == BINARY_NUM_CLASSES else MULTICLASS
     if task == BINARY and num_classes != BINARY_NUM_CLASSES:
-        raise ValueError(
-            f"task 'binary' needs exactly {BINARY_NUM_CLASSES} classes, got num_classes={num_classes}; "
-            "use task 'multiclass' or 'auto'"
+        # A ConfigError (a ValueError): the data is fine, the flag does not fit it.
+        raise ConfigError(
+            "task", f"'binary' needs exactly {BINARY_NUM_CLASSES} classes, got num_classes={num_classes}; "
+            "use --task multiclass or auto"
         )
     return task
 

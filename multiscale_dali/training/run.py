@@ -10,14 +10,18 @@ restores them through their own ``load_state_dict`` methods, and writes through
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from multiscale_dali.data.discovery import DataError, DatasetSplits
+from multiscale_dali.models.input_size import check_train_batch
 from multiscale_dali.training.accumulate import optimizer_steps_per_epoch
+from multiscale_dali.training.best import all_finite
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
 from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
 from multiscale_dali.training.distributed import (
@@ -43,10 +47,12 @@ from multiscale_dali.training.run_data import (
     dataset_root,
     prepare_data,
     scan_cache_path,
+    splits_fingerprint,
     vet_splits,
 )
 from multiscale_dali.training.run_directory import check_fresh
 from multiscale_dali.training.run_files import RunFiles
+from multiscale_dali.training.run_lock import locked_run_directory
 from multiscale_dali.training.run_setup import (
     build_lr_scheduler,
     build_network,
@@ -55,9 +61,11 @@ from multiscale_dali.training.run_setup import (
     build_trainer,
     resolve_amp,
     seed_everything,
+    warn_unvisited_scales,
 )
-from multiscale_dali.training.signals import StopRequest
-from multiscale_dali.training.trainer import EpochRecord, FitResult, StepEvent
+from multiscale_dali.training.signals import StartupInterrupted, StopRequest
+from multiscale_dali.training.split_record import split_record
+from multiscale_dali.training.trainer import EpochRecord, FitResult, NonFiniteLossError, StepEvent
 from multiscale_dali.training.wrapping import check_wrapping
 
 # dataset_root, scan_cache_path, vet_splits and resolve_amp live in run_data and run_setup; the CLI,
@@ -86,6 +94,7 @@ class RunResult:
     requeue: bool = False  # stopped by the requeue signal: the job should run again (--resume auto)
     rank: int = 0  # this process's rank; only rank 0 wrote files (a CLI prints from rank 0 only)
     world_size: int = 1
+    test_pending: bool = False  # a signal stopped the final test pass: --resume auto runs it
 
 
 class ResumeWorldSizeError(CheckpointError):
@@ -93,9 +102,20 @@ class ResumeWorldSizeError(CheckpointError):
 
 
 # ---------------------------------------------------------------------------------------- resuming
-def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+def _same_data(current: str | None, saved: str | None, recorded: str | None) -> bool:
+    """Whether ``--data`` names the checkpoint's dataset: ``./images`` and ``/abs/images`` do, and so
+    does the absolute path the run recorded (its ``saved`` spelling may be relative to another cwd)."""
+    if current is None or saved is None:
+        return current == saved
+    return os.path.realpath(current) in {os.path.realpath(p) for p in (saved, recorded) if p}
+
+
+def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path, *,
+                         recorded_data: str | None = None) -> None:
     """Settings that change what is trained must match the checkpoint's; errors name the flag."""
     current = config.to_dict()
+    if _same_data(config.data, saved.get("data"), recorded_data):
+        saved = saved | {"data": config.data}
     schedule_free_of_epochs = config.lr_schedule == "constant" and (config.mode == "multiscale" or config.schedule)
     if saved.get("epochs", config.epochs) != config.epochs and not schedule_free_of_epochs:
         raise ConfigError(
@@ -138,6 +158,17 @@ def _resume_keeps_loader_states(payload: dict[str, Any], path: Path, world_size:
     return False
 
 
+class _TestPassStopped(Exception):
+    """A stop signal during the final test pass (every rank raises it at the same batch)."""
+
+
+def _until_stopped(batches: Iterable[Any], should_stop: Callable[[], bool]) -> Iterator[Any]:
+    for batch in batches:
+        if should_stop():
+            raise _TestPassStopped
+        yield batch
+
+
 # ---------------------------------------------------------------------------------------- the run
 def run_training(
     config: TrainConfig,
@@ -159,7 +190,8 @@ def run_training(
     SIGTERM/SIGINT, and ``requeue_signal`` when given (``signals.resolve_requeue_signal``), stop every
     rank after the same step with a checkpoint (``RunResult.interrupted``; ``requeue`` for the latter).
     """
-    with distributed_session(config.device) as context, quiet_unless_main(context):
+    with (distributed_session(config.device) as context, quiet_unless_main(context),
+          locked_run_directory(config.out, context)):
         return _TrainingRun(config, context, resume=resume, on_epoch_end=on_epoch_end, on_step=on_step,
                             requeue_signal=requeue_signal).run()
 
@@ -196,7 +228,8 @@ class _TrainingRun:
         if self.out_dir.resolve() != run_dir_of(path).resolve():
             # Continuing a run somewhere else starts a new run directory: never mix two runs' files.
             check_fresh(self.out_dir)
-        _check_resume_config(self.config, payload["config"], path)
+        _check_resume_config(self.config, payload["config"], path,
+                             recorded_data=payload.get("resolved", {}).get("data"))
         log.info("resuming from %s (epoch %d, step %d)", path,
                  payload["trainer"]["epoch"] + 1, payload["trainer"]["step_in_epoch"])
         return found
@@ -209,8 +242,15 @@ class _TrainingRun:
         self.splits: RunSplits = prepare_data(config, context, root)
         self.task = resolve_task(self.splits.num_classes, config.task)
         self.schedule = build_schedule(config)
-        resolved = {"data": str(root), "backend": self.backend, "device": str(self.device), "task": self.task,
-                    "world_size": context.world_size, "global_batch_size": config.batch_size * context.world_size}
+        warn_unvisited_scales(config, self.schedule)
+        self._warn_empty_splits()
+        self.split_fingerprint = (splits_fingerprint(self.splits) if isinstance(self.splits, DatasetSplits)
+                                  else self.splits.fingerprint())
+        self._check_same_splits(root)
+        resolved = {"data": str(root.resolve()), "backend": self.backend, "device": str(self.device),
+                    "task": self.task, "world_size": context.world_size,
+                    "global_batch_size": config.batch_size * context.world_size,
+                    "split_fingerprint": self.split_fingerprint}
         self.files = RunFiles(self.out_dir, is_main=context.is_main, common={
             "config": config.to_dict(), "resolved": resolved, "classes": list(self.splits.classes),
             "task": self.task, "schedule": self.schedule.to_dict()})
@@ -224,6 +264,25 @@ class _TrainingRun:
             log.info("%d processes, each with batch size %d: global batch %d; each split is sharded over the ranks",
                      context.world_size, config.batch_size, config.batch_size * context.world_size)
 
+    def _warn_empty_splits(self) -> None:
+        if not len(self.splits.val):
+            log.warning("the validation split is empty: no epoch is chosen as best, the final weights become "
+                        "best.pt (add images, or a larger val fraction in --split-fractions)")
+        if not len(self.splits.test):
+            log.warning("the test split is empty: results.json will hold no test metrics (add images, or a "
+                        "larger test fraction in --split-fractions)")
+
+    def _check_same_splits(self, root: Path) -> None:
+        """A resumed run trains on the checkpoint's splits: a dataset that changed since would mix two."""
+        if self.found is None:
+            return
+        path, payload = self.found
+        recorded = payload.get("resolved", {}).get("split_fingerprint")
+        if recorded is not None and recorded != self.split_fingerprint:
+            raise DataError(f"{root} changed since {path} was saved (files added, removed or renamed), so its "
+                            "splits differ from the ones the run trained on; restore the dataset, or train anew "
+                            "into another --out")
+
     def _build(self) -> None:
         config = self.config
         if self.device.type == "cuda":
@@ -234,6 +293,9 @@ class _TrainingRun:
         self.optimizer = build_optimizer(config, model.parameters())
         self.loaders = RunLoaders(config=config, context=self.context, backend=self.backend, splits=self.splits,
                                   schedule=self.schedule)
+        # A shard smaller than the batch trains on one batch of the shard's size: perhaps of one sample.
+        check_train_batch(config.model, self.schedule.all_scales, num_outputs=1,
+                          batch_size=min(config.batch_size, self.loaders.train.spec.shard_size))
         # Shards are padded to one size, so every rank runs the same steps per epoch; a rank with
         # fewer would leave the others waiting in a collective until the timeout.
         check_ranks_agree(self.context, "the batches per epoch (train, val)",
@@ -324,14 +386,21 @@ class _TrainingRun:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
-        self._prepare_data()
-        try:
-            self._build()
-            if self.found is not None:
-                self._restore(*self.found)
-            self.files.write_config(dataset=self.splits.summary())
-            val_epoch = None if self.loaders.val is None else self.loaders.val.epoch
-            with StopRequest(requeue_signal=self.requeue_signal) as stop:
+        # Installed for the whole run: a signal during start-up stops at once (nothing to save yet),
+        # one during training at the next step boundary with a checkpoint, one during the test pass
+        # at the next batch, with results.json saying the test pass is still to do.
+        with StopRequest(requeue_signal=self.requeue_signal, immediate=not self.context.is_distributed) as stop:
+            self._prepare_data()
+            try:
+                self._build()
+                if self.found is not None:
+                    self._restore(*self.found)
+                self._stop_if_requested(stop)
+                self.files.write_config(dataset=self.splits.summary())
+                if isinstance(self.splits, DatasetSplits):  # a pack's splits are its manifest's
+                    self.files.write_splits(split_record(self.splits, fingerprint=self.split_fingerprint))
+                stop.immediate = False
+                val_epoch = None if self.loaders.val is None else self.loaders.val.epoch
                 # The flag is combined over the ranks at every step boundary (torchrun forwards SIGTERM
                 # to every worker, but not at the same instant), so all ranks stop after the same step.
                 fit = self.trainer.fit(self.loaders.train.epoch, val_epoch, on_epoch_end=self._epoch_done,
@@ -339,15 +408,28 @@ class _TrainingRun:
                                        should_stop=lambda: self.context.any_rank(stop.requested))
                 if fit.interrupted:
                     return self._interrupted(fit, stop.signal_name)
-            test = self._test()
-        finally:
-            if self.loaders is not None:  # None when building them failed
-                self.loaders.close()
+                test = self._test(stop)
+            finally:
+                if self.loaders is not None:  # None when building them failed
+                    self.loaders.close()
+        if test is None:
+            return self._result(fit, test={}, interrupted=True, stop_signal=self._agreed_signal(stop.signal_name),
+                                test_pending=True)
         return self._result(fit, test=test)
+
+    def _agreed_signal(self, own_signal: str | None) -> str | None:
+        """The signal any rank received (a collective)."""
+        return next((n for n in self.context.all_gather_object(own_signal) if n), None)
+
+    def _stop_if_requested(self, stop: StopRequest) -> None:
+        """Under torchrun the start-up is not stopped from the handler (the other ranks would wait in a
+        collective): the ranks agree here, before the first step, and stop together."""
+        if self.context.any_rank(stop.requested):
+            raise StartupInterrupted(self._agreed_signal(stop.signal_name) or "a signal")
 
     def _interrupted(self, fit: FitResult, own_signal: str | None) -> RunResult:
         self._save_training_state()
-        signal_name = next((n for n in self.context.all_gather_object(own_signal) if n), None)
+        signal_name = self._agreed_signal(own_signal)
         trainer = self.trainer
         log.warning("rank %d/%d stopped by %s at epoch %d step %d (global step %d)%s",
                     self.context.rank, self.context.world_size, signal_name, trainer.epoch + 1,
@@ -358,34 +440,44 @@ class _TrainingRun:
         requeue = self.requeue_signal is not None and signal_name == self.requeue_signal.name
         return self._result(fit, test={}, interrupted=True, stop_signal=signal_name, requeue=requeue)
 
-    def _test(self) -> dict[int, dict[str, float]]:
-        """The best model, once, on the test split; results.json."""
+    def _test(self, stop: StopRequest) -> dict[int, dict[str, float]] | None:
+        """The best model, once, on the test split; results.json. None when a signal stopped the pass."""
         trainer, schedule = self.trainer, self.schedule
         if not trainer.load_best():  # no validation split: the final weights (or their EMA) are the model
             trainer.net.load_state_dict(trainer.selected_net.state_dict())
+            if not all_finite(trainer.net):
+                # Never hand on a NaN model as the result of a run (validation never picked one either).
+                raise NonFiniteLossError(
+                    "training diverged: the model's weights are NaN or infinite and no validated epoch had a "
+                    "finite loss, so there is no model to keep; lower --lr or --weight-decay, or set --grad-clip")
             self.files.save_best(trainer.net, epoch=self.config.epochs - 1)
         test_scales = schedule.final_scales if self.config.mode == "multiscale" else schedule.all_scales
-        metrics: dict[int, dict[str, float]] = {}
+        metrics: dict[int, dict[str, float]] | None = {}
         if len(self.splits.test):
             loader = self.loaders.test(constant_schedule(test_scales))
             try:
-                metrics = trainer.evaluate(loader.epoch(0))
+                stopped = lambda: self.context.any_rank(stop.requested)  # noqa: E731
+                metrics = trainer.evaluate(_until_stopped(loader.epoch(0), stopped))
+            except _TestPassStopped:
+                metrics = None
             finally:
                 loader.close()
         self.files.write_results({
             "best_epoch": trainer.best_epoch,
             "best_val_accuracy": None if trainer.best_score is None else trainer.best_score[0],
-            "test": {str(s): m for s, m in metrics.items()}, "backend": self.backend,
+            "test": {str(s): m for s, m in (metrics or {}).items()}, "backend": self.backend,
             "device": str(self.device), "task": self.task, "classes": list(self.splits.classes),
-            "world_size": self.context.world_size})
+            "world_size": self.context.world_size,
+            # False: a signal stopped the test pass; `--resume auto` runs it (training is done).
+            "test_complete": metrics is not None})
         self.context.barrier()
         return metrics
 
     def _result(self, fit: FitResult, *, test: dict, interrupted: bool = False,
-                stop_signal: str | None = None, requeue: bool = False) -> RunResult:
+                stop_signal: str | None = None, requeue: bool = False, test_pending: bool = False) -> RunResult:
         return RunResult(
             out_dir=self.out_dir, backend=self.backend, device=str(self.device), task=self.task,
             classes=self.splits.classes, history=fit.history, best_epoch=self.trainer.best_epoch, test=test,
             dataset=self.splits.summary(), interrupted=interrupted, stop_signal=stop_signal,
-            requeue=requeue, rank=self.context.rank, world_size=self.context.world_size,
+            requeue=requeue, rank=self.context.rank, world_size=self.context.world_size, test_pending=test_pending,
         )

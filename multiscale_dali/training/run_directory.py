@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from multiscale_dali.errors import UserError
-from multiscale_dali.fileio import atomic_write_text
+from multiscale_dali.fileio import WriteError, atomic_write_text, dumps_json
 from multiscale_dali.constants import METRICS_FILE, SUPERSEDED_METRICS_FILE
 from multiscale_dali.training.resume import BEST, CHECKPOINT_DIR
 
@@ -28,15 +28,23 @@ def check_fresh(out_dir: Path) -> None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2))
+    atomic_write_text(path, dumps_json(payload, indent=2))
 
 
 def append_json_line(path: Path, record: dict[str, Any]) -> None:
     # Append and fsync each epoch: a crash later never loses the epochs already written.
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (dumps_json(record) + "\n").encode("utf-8")
+    try:
+        with path.open("ab", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            try:
+                handle.write(line)
+                os.fsync(handle.fileno())
+            except OSError:
+                handle.truncate(size)  # no half line (a full disk) for the next reader to choke on
+                raise
+    except OSError as err:
+        raise WriteError(f"cannot append to {path}: {err.strerror or err}; its earlier lines are kept") from err
 
 
 def keep_metrics_before(metrics_path: Path, epoch: int) -> None:

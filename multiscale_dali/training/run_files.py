@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from multiscale_dali.constants import CONFIG_FILE, METRICS_FILE, RESULTS_FILE
+from multiscale_dali.constants import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, SPLITS_FILE
 from multiscale_dali.fileio import atomic_save
 from multiscale_dali.training.records import EpochRecord
 from multiscale_dali.training.resume import best_path, save_last
@@ -31,6 +31,11 @@ class RunFiles:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.out_dir / CONFIG_FILE, self._common | {
                 "dataset": dataset, "argv": sys.argv, "versions": library_versions()})
+
+    def write_splits(self, record: Mapping[str, Any]) -> None:
+        """splits.json: the held-out files, so a later evaluate measures the very same ones."""
+        if self.is_main:
+            write_json(self.out_dir / SPLITS_FILE, dict(record))
 
     def append_epoch(self, record: EpochRecord, *, mode: str, backend: str) -> None:
         if self.is_main:

@@ -3,6 +3,7 @@ seeds, network, optimizer, learning-rate schedule and trainer."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -29,6 +30,8 @@ from multiscale_dali.training.recipe import RecipeOptions, StepRecipe
 from multiscale_dali.training.recipe_config import selects_ema
 from multiscale_dali.training.trainer import MultiScaleTrainer, ProgressiveMultiScaleTrainer, TrainerOptions
 
+log = logging.getLogger(__name__)
+
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on GPUs that support it, fp16 on older GPUs, off on CPU (slow there)."""
@@ -52,6 +55,26 @@ def build_schedule(config: TrainConfig) -> ScaleSchedule:
         )
     except ValueError as err:
         raise ConfigError("schedule", str(err)) from None
+
+
+def warn_unvisited_scales(config: TrainConfig, schedule: ScaleSchedule) -> None:
+    """Say which scales the run never trains at: --schedule steps at or after --epochs (they run only
+    if the run is resumed with more epochs), or listed --scales a short progressive ramp skips."""
+    if config.mode != "progressive":
+        return
+    late = [(start, scales) for start, scales in schedule.stages if start >= config.epochs]
+    if late:
+        log.warning("--schedule: step(s) %s start after the last epoch (--epochs %d runs epochs 0-%d); they run "
+                    "only if the run is resumed with more --epochs", ", ".join(f"{e}:{s[0]}" for e, s in late),
+                    config.epochs, config.epochs - 1)
+    if config.schedule:
+        return
+    visited = {scale for scales in schedule.describe(config.epochs) for scale in scales}
+    skipped = [scale for scale in config.scales if scale not in visited]
+    if skipped:
+        log.warning("--scales %s: the progressive ramp over %d epoch(s) never trains at %s; give more --epochs, "
+                    "or an explicit --schedule", ",".join(map(str, config.scales)), config.epochs,
+                    ", ".join(f"{s} px" for s in skipped))
 
 
 def seed_everything(seed: int) -> None:

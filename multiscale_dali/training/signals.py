@@ -53,18 +53,31 @@ def resolve_requeue_signal(value: str | None, *, environ: Mapping[str, str] | No
     return chosen
 
 
+class StartupInterrupted(Exception):
+    """A stop signal arrived before there was anything to checkpoint (start-up): stop at once."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name} before training started")
+        self.signal_name = signal_name
+
+
 class StopRequest:
     """Context manager installing the flag-setting handlers; restores the previous ones on exit.
 
     ``requeue_signal``: also stop on this signal, and say so (:attr:`requeue`).
+    ``immediate=True`` (start-up: reading the data, building the model) raises
+    :class:`StartupInterrupted` from the handler instead: there is no step boundary to wait for and
+    nothing to save, and a scan of a large dataset can take minutes. Set ``immediate`` to False once
+    a stop should wait for a step boundary and a checkpoint.
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, *,
-                 requeue_signal: signal.Signals | None = None) -> None:
+                 requeue_signal: signal.Signals | None = None, immediate: bool = False) -> None:
         self._signals = signals + ((requeue_signal,) if requeue_signal is not None else ())
         self._requeue_signal = requeue_signal
         self._previous: dict[signal.Signals, object] = {}
         self.signal_name: str | None = None
+        self.immediate = immediate
 
     @property
     def requested(self) -> bool:
@@ -78,6 +91,8 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
+            if self.immediate:
+                raise StartupInterrupted(self.signal_name)
             purpose = " (requeue)" if self.requeue else ""
             log.warning("%s received%s: stopping at the next step boundary and saving a checkpoint",
                         self.signal_name, purpose)

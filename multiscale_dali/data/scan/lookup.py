@@ -66,6 +66,8 @@ def _by_directory(abs_paths: Sequence[str]) -> dict[str, tuple[list[str], list[i
 
     Discovery lists a directory's files together, so the paths come in runs of one directory: the
     runs are found with C-level comparisons and each is appended whole."""
+    if not abs_paths:
+        return {}
     parts = [path.rpartition(os.sep) for path in abs_paths]
     directories = [part[0] or os.sep for part in parts]
     names = [part[2] for part in parts]

@@ -7,12 +7,13 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 from PIL import Image
 
 from multiscale_dali.constants import DEFAULT_MAX_PIXELS
 from multiscale_dali.data.discovery import is_image_file
+from multiscale_dali.data.walk import walk_dataset
 from multiscale_dali.data.scan.cache import Manifest
 from multiscale_dali.data.scan.lookup import CacheLookup, unique_abs_paths
 from multiscale_dali.data.scan.report import (
@@ -108,11 +109,16 @@ def _check_all(to_check: Sequence[str], *, limit: int, workers: int,
         return verdicts
     with strict_pillow():
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
-            # map() yields in order on this thread, so the progress callback never runs concurrently.
-            for verdict in (map(check, to_check) if workers == 1 else pool.map(check, to_check)):
-                verdicts.append(verdict)
-                if on_progress is not None:
-                    on_progress(len(verdicts), len(to_check))
+            try:
+                # map() yields in order on this thread, so the progress callback never runs concurrently.
+                for verdict in (map(check, to_check) if workers == 1 else pool.map(check, to_check)):
+                    verdicts.append(verdict)
+                    if on_progress is not None:
+                        on_progress(len(verdicts), len(to_check))
+            except BaseException:
+                # A stop signal (or an error): drop the queued files instead of decoding them all first.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     return verdicts
 
 
@@ -124,8 +130,9 @@ def scan_tree(
     workers: int = DEFAULT_SCAN_WORKERS,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
-    """Scan every regular, non-hidden file below ``root`` (recursively, following symlinks like
-    torchvision's ImageFolder) and report folders that hold no image file and no subfolder.
+    """Scan every regular, non-hidden file below ``root`` (recursively, following symlinks as dataset
+    discovery does, see :func:`~multiscale_dali.data.walk.walk_dataset`) and report folders
+    that hold no image file and no subfolder.
 
     Files with an image extension are checked by content as in :func:`scan_files`; any other file
     is reported as ``ignored`` (dataset discovery never loads it), with a note when its content
@@ -137,7 +144,7 @@ def scan_tree(
     image_files: list[str] = []
     ignored: list[FileReport] = []
     empty_dirs: list[str] = []
-    for dirpath, subdirs, filenames in _walk(os.path.abspath(root_path)):
+    for dirpath, subdirs, filenames in walk_dataset(os.path.abspath(root_path)):
         images = [name for name in filenames if is_image_file(name)]
         image_files += [dirpath + os.sep + name for name in images]
         if len(images) < len(filenames):
@@ -182,45 +189,6 @@ def filter_good(
         lost = sum(1 for lab in labels if lab == label)
         logger.warning("label %s lost all %d of its file(s) to the scan", label, lost)
     return tuple(kept_files), tuple(kept_labels)
-
-
-def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``(directory, sorted subfolder names, sorted regular file names)`` of every non-hidden folder
-    below ``root`` (an absolute, normal path), top-down, following symlinks like ``os.walk(...,
-    followlinks=True)`` but never entering a folder twice (a symlink loop would recurse forever).
-    Sockets, FIFOs and dangling symlinks are left out; a folder that cannot be listed is skipped."""
-    seen: set[tuple[int, int]] = set()
-    stack = [root]
-    while stack:
-        dirpath = stack.pop()
-        try:
-            st = os.stat(dirpath)
-            with os.scandir(dirpath) as it:
-                entries = [e for e in it if not e.name.startswith(".")]
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        # DirEntry.is_dir/is_file use the type readdir returned: no stat per file, only per symlink.
-        subdirs = sorted(e.name for e in entries if _is_dir(e))
-        files = sorted(e.name for e in entries if _is_file(e))
-        yield dirpath, subdirs, files
-        stack += [dirpath + os.sep + name for name in reversed(subdirs)]
-
-
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def _is_file(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_file()
-    except OSError:
-        return False
 
 
 def _log_summary(result: ScanResult) -> None:

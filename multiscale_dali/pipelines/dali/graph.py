@@ -123,13 +123,23 @@ class GraphSpec:
         return self.train_augment is not None
 
 
+def pipeline_batch_size(spec: LoaderSpec) -> int:
+    """The pipeline's batch size: ``spec.batch_size``, capped at the shard's sample count.
+
+    DALI allocates its buffers for the full batch size up front, so a batch size far above the
+    dataset (``--batch-size 100000000``) fails with ``std::bad_alloc`` before a file is read; capped,
+    the one batch of an epoch holds the whole shard, as it would anyway.
+    """
+    return min(spec.batch_size, spec.shard_size)
+
+
 def iterations_per_epoch(spec: LoaderSpec) -> int:
     """Pipeline runs per epoch on every shard and every epoch.
 
     The padded file list gives every shard exactly ``shard_size`` samples, and the reader pads only
     the last batch.
     """
-    return -(-spec.shard_size // spec.batch_size)
+    return -(-spec.shard_size // pipeline_batch_size(spec))
 
 
 def _reader_shard_id(spec: LoaderSpec, first_epoch: int) -> int:
@@ -168,7 +178,7 @@ def graph_for(spec: LoaderSpec, *, first_epoch: int) -> GraphSpec:
         sizes=ScheduledSizes(
             schedule=schedule,
             iterations_per_epoch=iterations_per_epoch(spec),
-            batch_size=spec.batch_size,
+            batch_size=pipeline_batch_size(spec),
             first_epoch=first_epoch,
         ),
         placement=placement_for(spec.device, hw_decoder_load=spec.hw_decoder_load),

@@ -31,12 +31,14 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from multiscale_dali.constants import Backend
 from multiscale_dali.data.shard_format import ShardError
+from multiscale_dali.errors import OutOfMemoryError, out_of_memory_reason
 from multiscale_dali.pipelines.batch import MultiScaleBatch, to_model_batch
 from multiscale_dali.pipelines.dali.graph import (
     LABELS_SLOT,
     READER_NAME,
     graph_for,
     iterations_per_epoch,
+    pipeline_batch_size,
     scale_slot,
 )
 from multiscale_dali.pipelines.dali.pipeline import multiscale_pipeline
@@ -49,7 +51,7 @@ from multiscale_dali.pipelines.sampling import (
     padded_sample_order,
     shard_padding_mask,
 )
-from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.spec import DataReadError, LoaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +84,32 @@ def _last_batch_policy(spec: LoaderSpec) -> LastBatchPolicy:
     return LastBatchPolicy.DROP if drops else LastBatchPolicy.PARTIAL
 
 
+def _dali_reason(err: RuntimeError) -> str:
+    """DALI's multi-line error in one line: the operator that failed and what it encountered (the
+    graph's own traceback and the "pipeline no longer valid" lines left out)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    operator = next((line.split("`")[1] for line in lines if line.startswith("Error in ") and line.count("`") >= 2),
+                    None)
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1:]
+    said = [line for line in lines if not line.startswith(("Current pipeline object", "C++ context",
+                                                           "Critical error in pipeline"))]
+    reason = "; ".join(dict.fromkeys(said)) or repr(err)
+    return f"{operator}: {reason}" if operator else reason
+
+
 def _dali_error(err: RuntimeError, spec: LoaderSpec, epoch: int) -> Exception:
-    if spec.shards is not None:
-        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return _damaged_pack(spec, f"DALI cannot read it in epoch {epoch} (DALI said: {said})")
-    return RuntimeError(
-        f"DALI failed in epoch {epoch} (shard {spec.shard_id}/{spec.num_shards}, {len(spec.files)} "
-        f"files); a corrupt or unreadable image stops a DALI pipeline, the torchvision backend can "
-        f"help find it. DALI said: {err}"
-    )
+    """DALI's multi-line error as one line: out of memory, a damaged pack, or the file it could not read."""
+    log.debug("DALI error in epoch %d: %s", epoch, err)
+    if spec.shards is not None and out_of_memory_reason(err) is None:
+        return _damaged_pack(spec, f"DALI cannot read it in epoch {epoch} (DALI said: {_dali_reason(err)})")
+    where = f"in epoch {epoch} (shard {spec.shard_id}/{spec.num_shards}, {len(spec.files)} files)"
+    memory = out_of_memory_reason(err)
+    if memory is not None:
+        # The same bad_alloc a huge image would cause: say which sizes asked for the memory.
+        return OutOfMemoryError(f"DALI ran out of memory {where} with batches of {pipeline_batch_size(spec)} "
+                                f"images at up to {max(spec.schedule.all_scales)} px: {memory}")
+    return DataReadError(f"DALI could not read or decode an image {where}. DALI said: {_dali_reason(err)}")
 
 
 def _build_pipeline(spec: LoaderSpec, *, first_epoch: int, checkpoint: bytes | None) -> Pipeline:
@@ -98,7 +117,7 @@ def _build_pipeline(spec: LoaderSpec, *, first_epoch: int, checkpoint: bytes | N
     graph = graph_for(spec, first_epoch=first_epoch)
     return multiscale_pipeline(
         graph,
-        batch_size=spec.batch_size,
+        batch_size=pipeline_batch_size(spec),
         num_threads=max(1, spec.num_workers),
         device_id=graph.placement.device_id,
         seed=derived_seed(spec.seed, first_epoch, stream=AUGMENT_STREAM),
