@@ -5,8 +5,11 @@ overwrite each other's checkpoints while both exit 0. The kernel drops a ``flock
 dies, however it dies (SIGKILL, out of memory, a node reboot), so a lock file left behind by a dead
 run never blocks the next one; the file only carries the holder's pid for the error message.
 
-The lock file is never deleted: removing it on release would let a process that opened the old file
-and a process that creates a new one both "hold" the lock.
+The lock file is not deleted on release: removing it would let a process that opened the old file
+and a process that creates a new one both "hold" the lock. One exception: a run refused before it
+wrote anything (a bad flag found after the lock was taken) removes the directory it created, so a
+refused command leaves no trace; two other runs racing for that same new directory in that instant
+is the accepted cost.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class RunLock:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._handle: IO[str] | None = None
+        self._created = False  # whether acquire() made out_dir (removed again if left empty)
 
     @property
     def path(self) -> Path:
@@ -68,6 +72,7 @@ class RunLock:
         if not self.enabled or self._handle is not None:
             return
         try:
+            self._created = not self.out_dir.exists()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+")  # noqa: SIM115  # held open for the run, closed in release()
         except OSError as err:
@@ -93,6 +98,9 @@ class RunLock:
             # Closing the file drops the flock.
             self._handle.close()
             self._handle = None
+            if self._created and [p.name for p in self.out_dir.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()
+                self.out_dir.rmdir()
 
     def __enter__(self) -> "RunLock":
         self.acquire()
