@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from multiscale_dali.errors import ConfigError
+
 
 def _list_timm(pattern: str, pretrained: bool) -> None:
     from multiscale_dali.models.registry import TIMM_PREFIX
@@ -30,6 +32,8 @@ def models(timm_pattern: str | None, pretrained: bool) -> None:
     if timm_pattern is not None:
         _list_timm(timm_pattern, pretrained)
         return
+    if pretrained:
+        raise ConfigError("pretrained", "applies to --timm PATTERN only (every registry model lists its weights)")
     from multiscale_dali.models.input_size import smallest_scale
     from multiscale_dali.models.registry import describe_models
 
