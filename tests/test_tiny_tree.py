@@ -69,3 +69,21 @@ def test_copies_on_request_and_refuses_a_used_destination(tmp_path: Path) -> Non
         write_tiny_jpeg_tree(tree.root, files=4, classes=2)
     with pytest.raises(ValueError, match="side"):
         write_tiny_jpeg_tree(tmp_path / "u", files=4, classes=2, side=4)
+
+
+def test_file_tree_benchmark_times_every_phase_on_a_made_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from multiscale_dali.benchmark import file_tree
+
+    monkeypatch.setenv("MSDALI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "figures.json"
+    argv = ["--root", str(tmp_path / "t"), "--make", "--files", "60", "--classes", "3", "--first-scan",
+            "--repeat", "2", "--skip", "first_batch", "--out", str(out)]
+    assert file_tree.main(argv) == 0
+    figures = json.loads(out.read_text())
+    assert figures["files"] == 60 and figures["linked"] == 57
+    for phase in ("make", "discover", "fingerprint", "first_scan", "cached_check", "scan_tree"):
+        assert figures[f"{phase}_s"] >= 0 and figures[f"{phase}_cpu_s"] >= 0, phase
+    assert len(figures["cached_check_runs"]) == 2 and "first_batch_s" not in figures
+    assert list((tmp_path / "cache" / "scan").glob("*.json"))  # the first scan filled the cache

@@ -44,20 +44,23 @@ class Pending:
 
 def unique_abs_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
     """Absolute, normalised paths in input order, each once."""
-    given = [os.fspath(p) for p in paths]
+    given = paths if isinstance(paths, list) else list(paths)
+    if set(map(type, given)) != {str}:  # path-like objects among them
+        given = [os.fspath(p) for p in given]
     if not _already_normal(given):
         given = [os.path.abspath(p) for p in given]
     return list(dict.fromkeys(given))
 
 
 def _already_normal(paths: list[str]) -> bool:
-    """True when every path is a ``str`` that is absolute and normal already (what discovery hands
+    """True when every path (a ``str``) is absolute and normal already (what discovery hands
     over), checked on all of them at once: joined with NUL, which no POSIX path can contain, each
     must start with "/", and none may hold "//", "/." (so no "/./" or "/../") or end with "/"."""
-    if not _POSIX_PATHS or not paths or set(map(type, paths)) != {str}:
+    if not _POSIX_PATHS or not paths:
         return False
     joined = "\0".join(paths)
-    return (joined.startswith("/") and joined.count("\0/") == len(paths) - 1 and "//" not in joined
+    separators = len(paths) - 1
+    return (joined.startswith("/") and joined.count("\0") == separators == joined.count("\0/") and "//" not in joined
             and "/." not in joined and "/\0" not in joined and not joined.endswith("/"))
 
 

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 # Pillow releases the GIL while decoding, so threads overlap decodes; two matches the 2-core
 # machines this project targets and leaves a scan from hogging a shared training node.
 DEFAULT_SCAN_WORKERS: int = 2
+# Files handed to the scan threads at a time: enough to keep them busy, few enough that the pending
+# work of a million-file first scan stays small.
+SCAN_CHUNK: int = 1024
 
 
 def effective_max_pixels(max_pixels: int) -> int:
@@ -72,7 +75,8 @@ def scan_files(
     manifest = Manifest.load(Path(cache_path) if cache_path is not None else None)
     lookup = CacheLookup(abs_paths, manifest, limit=limit)
     verdicts = _check_all([p.path for p in lookup.pending], limit=limit, workers=workers, on_progress=on_progress)
-    for pending, verdict in zip(lookup.pending, verdicts):
+    # strict: zip then also runs the generator to its end, which restores Pillow's settings.
+    for pending, verdict in zip(lookup.pending, verdicts, strict=True):
         lookup.settle(pending, verdict.report, cacheable=verdict.cacheable)
     lookup.store()
     manifest.save()
@@ -98,28 +102,34 @@ def _checked_limit(*, max_pixels: int, workers: int) -> int:
 
 
 def _check_all(to_check: Sequence[str], *, limit: int, workers: int,
-               on_progress: Callable[[int, int], None] | None) -> list[Verdict]:
-    """The verdicts on the files ``to_check``, in order, decoded on ``workers`` threads under strict Pillow settings."""
+               on_progress: Callable[[int, int], None] | None) -> Iterator[Verdict]:
+    """The verdicts on the files ``to_check``, yielded in order, decoded on ``workers`` threads under
+    strict Pillow settings (consume them all: the settings hold until the generator finishes).
+
+    Files go to the threads ``SCAN_CHUNK`` at a time: ``Executor.map`` submits everything it is
+    given at once, and a million pending futures and their results would cost gigabytes."""
 
     def check(path: str) -> Verdict:
         return check_file(path, max_pixels=limit)
 
-    verdicts: list[Verdict] = []
     if not to_check:
-        return verdicts
+        return
+    done = 0
     with strict_pillow():
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
             try:
-                # map() yields in order on this thread, so the progress callback never runs concurrently.
-                for verdict in (map(check, to_check) if workers == 1 else pool.map(check, to_check)):
-                    verdicts.append(verdict)
-                    if on_progress is not None:
-                        on_progress(len(verdicts), len(to_check))
+                for start in range(0, len(to_check), SCAN_CHUNK):
+                    chunk = to_check[start : start + SCAN_CHUNK]
+                    # map() yields in order on this thread, so the progress callback never runs concurrently.
+                    for verdict in (map(check, chunk) if workers == 1 else pool.map(check, chunk)):
+                        done += 1
+                        if on_progress is not None:
+                            on_progress(done, len(to_check))
+                        yield verdict
             except BaseException:
                 # A stop signal (or an error): drop the queued files instead of decoding them all first.
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
-    return verdicts
 
 
 def scan_tree(
