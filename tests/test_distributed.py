@@ -24,14 +24,17 @@ from typing import Sequence
 import pytest
 import torch
 import torch.distributed as dist
+from click.testing import CliRunner
 
 from conftest import make_jpeg_folder
+from multiscale_dali.cli.main import main
+from multiscale_dali.data.shard_format import is_packed_dir, load_manifest
 from multiscale_dali.training.run import ResumeWorldSizeError, _resume_keeps_loader_states
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.constants import EXIT_INTERRUPTED
 from multiscale_dali.data.discovery import discover_dataset
 from multiscale_dali.training.distributed import DistributedError, distributed_session
-from multiscale_dali.pipelines.spec import LoaderSpec
+from multiscale_dali.pipelines.spec import LoaderSpec, ShardSource
 from multiscale_dali.pipelines.factory import build_loader, dali_installed
 from multiscale_dali.training.losses import ScaleConsistencyLoss, base_loss, predict
 from multiscale_dali.training.metrics import ScaleMeter
@@ -348,8 +351,12 @@ def _single_process_test_metrics(run: Path, data: Path, backend: str) -> dict[in
     net = build_model("tiny_cnn", num_outputs=1)
     net.load_state_dict(best["model"])
     net = net.to(memory_format=torch.channels_last).eval()
-    test = discover_dataset(data).test
-    spec = LoaderSpec(files=test.files, labels=test.labels, schedule=constant_schedule(SCALES), batch_size=4,
+    if is_packed_dir(data):
+        source = {"files": (), "labels": (), "shards": ShardSource(manifest=load_manifest(data), split="test")}
+    else:
+        test = discover_dataset(data).test
+        source = {"files": test.files, "labels": test.labels}
+    spec = LoaderSpec(**source, schedule=constant_schedule(SCALES), batch_size=4,
                       train=False, num_workers=1 if backend == "dali" else 0)
     loader = build_loader(spec, backend=backend)
     logits: dict[int, list[torch.Tensor]] = {s: [] for s in SCALES}
@@ -370,12 +377,18 @@ def _single_process_test_metrics(run: Path, data: Path, backend: str) -> dict[in
 
 @pytest.mark.slow
 @needs_gloo
-@pytest.mark.parametrize("backend, mode", [
-    pytest.param("dali", "progressive", marks=pytest.mark.skipif(not dali_installed(), reason="needs DALI")),
-    ("torchvision", "multiscale"),
+@pytest.mark.parametrize("backend, mode, source", [
+    pytest.param("dali", "progressive", "folder", marks=pytest.mark.skipif(not dali_installed(), reason="needs DALI")),
+    ("torchvision", "multiscale", "folder"),
+    # A pack: each rank reads a block of every split, and the 3 + 4 test samples pad the other way round.
+    pytest.param("dali", "multiscale", "shards", marks=pytest.mark.skipif(not dali_installed(), reason="needs DALI")),
 ])
-def test_two_ranks_train_in_step_and_evaluate_like_one_process(tmp_path, dataset, backend, mode):
+def test_two_ranks_train_in_step_and_evaluate_like_one_process(tmp_path, dataset, backend, mode, source):
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    if source == "shards":
+        packed = CliRunner().invoke(main, ["pack", "--data", str(dataset), "--out", str(tmp_path / "pack")])
+        assert packed.exit_code == 0, packed.output
+        dataset = tmp_path / "pack"
     # Progressive on DALI: the size callback runs ahead of the trainer on every rank's own pipeline.
     extra = ["--mode", "progressive", "--schedule", "0:32,2:48"] if mode == "progressive" else []
     code = _finish(_torchrun(_train_args(dataset, run, backend, *extra), env=_env(tmp_path / "cache"), log=log), log)
