@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from conftest import make_jpeg_folder
 
+from multiscale_dali.pipelines.factory import dali_installed
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT_S = 150
 # torchrun's default signals plus SIGUSR1, so an agent forwards the requeue signal instead of dying of it.
@@ -121,10 +123,10 @@ def _epochs(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-# torchvision only: five launches of torch take ~40 s of CPU, and the suite's budget has no room for a
-# second backend here. DALI under torchrun is covered by tests/test_distributed.py (sharding, resume).
-def test_two_nodes_stop_on_the_requeue_signal_resume_and_match_one_node(tmp_path, dataset):
-    backend = "torchvision"
+# Five launches of torch per backend (~40 s of CPU each): the suite's slowest test, worth it once per backend.
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
+    not dali_installed(), reason="needs DALI"))])
+def test_two_nodes_stop_on_the_requeue_signal_resume_and_match_one_node(tmp_path, dataset, backend):
     env, pair, single = _env(tmp_path / "cache"), tmp_path / "pair", tmp_path / "single"
     slurm = env | {"SLURM_JOB_ID": "4242"}  # the requeue signal defaults to SIGUSR1 inside a SLURM job
     processes, logs = _two_nodes(_train_args(dataset, pair, backend, 200, "--checkpoint-every", "1"), env=slurm,
