@@ -26,7 +26,7 @@ def _mean_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"policy": "randaugment"}, "policy"),
+        ({"policy": "randaugment"}, "auto_augment"),
         ({"policy": "rand", "rand_n": 0}, "rand_n"),
         ({"policy": "rand", "rand_m": 31}, "rand_m"),
         ({"policy": "rand", "rand_m": -1}, "rand_m"),

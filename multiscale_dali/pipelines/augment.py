@@ -24,8 +24,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from multiscale_dali.constants import AUTO_AUGMENT_POLICIES, MAX_RAND_M, NUM_MAGNITUDE_BINS
-from multiscale_dali.errors import ConfigError
+from multiscale_dali.constants import NUM_MAGNITUDE_BINS
+from multiscale_dali.pipelines.augment_policy import check_auto_augment
 
 # NUM_MAGNITUDE_BINS and MAX_RAND_M live in constants (the configuration checks --rand-m without torch).
 # Grey padding where a rotation, shear or translation uncovers the canvas: DALI's default fill_value.
@@ -52,12 +52,7 @@ class AutoAugmentSpec:
     rand_m: int = 9
 
     def __post_init__(self) -> None:
-        if self.policy not in AUTO_AUGMENT_POLICIES:
-            raise ConfigError("policy", f"{self.policy!r} is not one of {', '.join(AUTO_AUGMENT_POLICIES)}")
-        if isinstance(self.rand_n, bool) or not isinstance(self.rand_n, int) or self.rand_n < 1:
-            raise ConfigError("rand_n", f"must be an integer >= 1 (operations per sample), got {self.rand_n!r}")
-        if isinstance(self.rand_m, bool) or not isinstance(self.rand_m, int) or not 0 <= self.rand_m <= MAX_RAND_M:
-            raise ConfigError("rand_m", f"must be an integer magnitude bin in 0..{MAX_RAND_M}, got {self.rand_m!r}")
+        check_auto_augment(self.policy, self.rand_n, self.rand_m)
 
     @property
     def enabled(self) -> bool:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from multiscale_dali.constants import AUTO_AUGMENT_POLICIES, MAX_RAND_M, SELECT_ON, AutoAugmentPolicy, SelectOn
+from multiscale_dali.constants import SELECT_ON, AutoAugmentPolicy, SelectOn
 from multiscale_dali.errors import ConfigError
+from multiscale_dali.pipelines.augment_policy import check_auto_augment
 
 if TYPE_CHECKING:
     from multiscale_dali.training.config import TrainConfig
@@ -37,12 +38,7 @@ def _check_probability(key: str, value: float) -> None:
 
 
 def _check_augment(config: "TrainConfig") -> None:
-    if config.auto_augment not in AUTO_AUGMENT_POLICIES:
-        raise ConfigError("auto_augment", f"{config.auto_augment!r} is not one of {', '.join(AUTO_AUGMENT_POLICIES)}")
-    if isinstance(config.rand_n, bool) or not isinstance(config.rand_n, int) or config.rand_n < 1:
-        raise ConfigError("rand_n", f"must be an integer >= 1 (operations per sample), got {config.rand_n!r}")
-    if isinstance(config.rand_m, bool) or not isinstance(config.rand_m, int) or not 0 <= config.rand_m <= MAX_RAND_M:
-        raise ConfigError("rand_m", f"must be an integer magnitude in 0..{MAX_RAND_M}, got {config.rand_m!r}")
+    check_auto_augment(config.auto_augment, config.rand_n, config.rand_m)
     if config.auto_augment != AutoAugmentPolicy.RAND:
         for key, default in (("rand_n", DEFAULT_RAND_N), ("rand_m", DEFAULT_RAND_M)):
             if getattr(config, key) != default:
