@@ -43,11 +43,9 @@ from multiscale_dali.training.resume import (
 )
 from multiscale_dali.training.run_data import (
     RunLoaders,
-    RunSplits,
     dataset_root,
     prepare_data,
     scan_cache_path,
-    splits_fingerprint,
     vet_splits,
 )
 from multiscale_dali.training.run_directory import check_fresh
@@ -239,13 +237,11 @@ class _TrainingRun:
         self.backend = resolve_backend(config.backend)
         seed_everything(config.seed)
         root = dataset_root(config)
-        self.splits: RunSplits = prepare_data(config, context, root)
+        self.splits, self.split_fingerprint = prepare_data(config, context, root)
         self.task = resolve_task(self.splits.num_classes, config.task)
         self.schedule = build_schedule(config)
         warn_unvisited_scales(config, self.schedule)
         self._warn_empty_splits()
-        self.split_fingerprint = (splits_fingerprint(self.splits) if isinstance(self.splits, DatasetSplits)
-                                  else self.splits.fingerprint())
         self._check_same_splits(root)
         resolved = {"data": str(root.resolve()), "backend": self.backend, "device": str(self.device),
                     "task": self.task, "world_size": context.world_size,

@@ -88,7 +88,7 @@ def splits_fingerprint(splits: DatasetSplits) -> str:
 
 
 def prepare_splits(config: TrainConfig, context: DistributedContext, root: Path) -> DatasetSplits:
-    """The vetted splits of ``root``, the same on every rank (a collective)."""
+    """The vetted splits of ``root`` (a collective: rank 0 scans first)."""
     discovered = discover_dataset(root, fractions=config.split_fractions, seed=config.seed)
     # Rank 0 scans first and fills the manifest; the other ranks then read its verdicts instead of
     # all decoding the whole dataset at once (and raise the same error if rank 0 found bad files).
@@ -102,15 +102,14 @@ def prepare_splits(config: TrainConfig, context: DistributedContext, root: Path)
     else:
         context.barrier()
         splits = vet_splits(discovered, config)
-    check_ranks_agree(context, "the dataset splits (a hash of every file and label)", splits_fingerprint(splits))
     return splits
 
 
 RunSplits = DatasetSplits | PackedSplits
 
 
-def prepare_packed(config: TrainConfig, context: DistributedContext, root: Path) -> PackedSplits:
-    """The splits of the pack at ``root``, checked against its manifest on every rank (a collective).
+def prepare_packed(config: TrainConfig, root: Path) -> PackedSplits:
+    """The splits of the pack at ``root``, checked against its manifest.
 
     The check is what is cheap before a long run: every shard and index file present at its
     recorded size, every index listing the manifest's samples (``verify_shards(deep=False)``). The
@@ -124,15 +123,23 @@ def prepare_packed(config: TrainConfig, context: DistributedContext, root: Path)
         verify_shards(packed.manifest, deep=False)
     else:
         log.warning("--no-scan: the pack in %s is not checked against its manifest", root)
-    check_ranks_agree(context, "the packed dataset (a hash of its manifest)", packed.fingerprint())
     return packed
 
 
-def prepare_data(config: TrainConfig, context: DistributedContext, root: Path) -> RunSplits:
-    """The run's splits of ``root``: a packed directory's, or an ImageFolder's after the scan."""
+def prepare_data(config: TrainConfig, context: DistributedContext, root: Path) -> tuple[RunSplits, str]:
+    """The run's splits of ``root`` (a packed directory's, or an ImageFolder's after the scan) and their
+    fingerprint, the same on every rank (a collective): a hash of every file and label, or of a pack's
+    manifest. Computed once here, since checkpoints and ``splits.json`` record it too (a hash of a
+    million paths is not free)."""
     if is_packed_dir(root):
-        return prepare_packed(config, context, root)
-    return prepare_splits(config, context, root)
+        packed = prepare_packed(config, root)
+        fingerprint = packed.fingerprint()
+        check_ranks_agree(context, "the packed dataset (a hash of its manifest)", fingerprint)
+        return packed, fingerprint
+    splits = prepare_splits(config, context, root)
+    fingerprint = splits_fingerprint(splits)
+    check_ranks_agree(context, "the dataset splits (a hash of every file and label)", fingerprint)
+    return splits, fingerprint
 
 
 def split_source(split: SplitFiles | PackedSplit) -> dict:
