@@ -8,8 +8,6 @@ empty), so a value the flag accepts stops at that check, with exit code 2.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 import pytest
 from click.testing import CliRunner

@@ -450,13 +450,6 @@ def _scan_images(class_dir: Path, root: Path) -> tuple[list[str], Counter[str]]:
     return files, skipped
 
 
-def _entry_is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:  # e.g. a symlink whose target cannot be stat-ed: a file to os.walk as well
-        return False
-
-
 def _list_entries(folder: Path) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(folder) as it:

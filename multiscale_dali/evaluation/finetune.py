@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch import nn
 
 from multiscale_dali.constants import FINETUNE_LR, Backend
