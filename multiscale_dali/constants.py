@@ -56,6 +56,20 @@ class Teacher(enum.StrEnum):
     MEAN = "mean"
 
 
+class ScaleWeighting(enum.StrEnum):
+    """Each scale's share of the base loss of a multi-scale step."""
+
+    EQUAL = "equal"  # 1/S each
+    AREA = "area"  # in proportion to the pixels of a sample at that scale (scale squared)
+
+
+class ScaleNorm(enum.StrEnum):
+    """BatchNorm across the scales of a multi-scale run: one set for all, or one per trained scale."""
+
+    SHARED = "shared"
+    PRIVATE = "private"
+
+
 class Tta(enum.StrEnum):
     """Test-time augmentation of evaluate/predict: none, or the mean over the image and its mirror."""
 
@@ -87,6 +101,8 @@ MODES: tuple[str, ...] = tuple(member.value for member in Mode)
 TASKS: tuple[str, ...] = tuple(member.value for member in Task)
 CONSISTENCY_TYPES: tuple[str, ...] = tuple(member.value for member in ConsistencyType)
 TEACHERS: tuple[str, ...] = tuple(member.value for member in Teacher)
+SCALE_WEIGHTINGS: tuple[str, ...] = tuple(member.value for member in ScaleWeighting)
+SCALE_NORMS: tuple[str, ...] = tuple(member.value for member in ScaleNorm)
 TTA_CHOICES: tuple[str, ...] = tuple(member.value for member in Tta)
 AUTO_AUGMENT_POLICIES: tuple[str, ...] = tuple(member.value for member in AutoAugmentPolicy)
 SELECT_ON: tuple[str, ...] = tuple(member.value for member in SelectOn)

@@ -20,10 +20,11 @@ def make_split_folder(root: Path, *, classes: int = 3) -> Path:
 
 
 def train_tiny_run(data: Path, out: Path, *, model: str = "tiny_cnn", scales: tuple[int, ...] = SCALES,
-                   epochs: int = 1) -> Path:
+                   epochs: int = 1, scale_norm: str = "") -> Path:
     """One short run on the CPU with the torchvision backend; returns its best.pt."""
     run_training(TrainConfig(data=str(data), out=str(out), epochs=epochs, scales=scales, batch_size=8, model=model,
-                             backend="torchvision", workers=0, device="cpu", lr=1e-2, scan=False))
+                             backend="torchvision", workers=0, device="cpu", lr=1e-2, scan=False,
+                             scale_norm=scale_norm))
     return out / "best.pt"
 
 
@@ -33,6 +34,7 @@ def untrained_run(data: Path, out: Path, *, model: str, scales: tuple[int, ...] 
     import torch
 
     from multiscale_dali.models.registry import build_model
+    from multiscale_dali.models.scale_norm import private_scale_norm
     from multiscale_dali.pipelines.schedule import constant_schedule
     from multiscale_dali.training.losses import num_outputs, resolve_task
     from multiscale_dali.training.run_files import RunFiles
@@ -42,6 +44,8 @@ def untrained_run(data: Path, out: Path, *, model: str, scales: tuple[int, ...] 
                          backend="torchvision", workers=0, device="cpu", scan=False)
     torch.manual_seed(0)
     net = build_model(model, num_outputs=num_outputs(task, classes))
+    if config.private_scale_norm:  # as a training run builds it
+        net = private_scale_norm(net, scales)
     files = RunFiles(out, is_main=True, common={
         "config": config.to_dict(), "resolved": {"data": str(data)}, "task": task,
         "classes": [f"class_{k}" for k in range(classes)], "schedule": constant_schedule(scales).to_dict()})

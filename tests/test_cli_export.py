@@ -31,7 +31,9 @@ def _cli(*args: str) -> Result:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
-    return train_tiny_run(make_split_folder(root / "data"), root / "run")
+    # Shared BatchNorm: one dynamic ONNX graph is then the very network at every scale (a model with
+    # BatchNorm private to each scale exports one branch; see the test of that below).
+    return train_tiny_run(make_split_folder(root / "data"), root / "run", scale_norm="shared")
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +124,17 @@ def test_without_the_export_extra_the_error_names_it(run, tmp_path, monkeypatch)
     result = _cli("export", "--checkpoint", str(run), "--scale", "32", "--out", str(tmp_path / "m.onnx"))
     assert result.exit_code == 1
     assert "pip install 'multiscale-dali[export]'" in result.output
+
+
+def test_a_model_with_private_norms_exports_the_branch_of_its_largest_exported_scale(tmp_path):
+    run = train_tiny_run(make_split_folder(tmp_path / "data"), tmp_path / "run")  # multiscale default: private
+    out = tmp_path / "private.onnx"
+    result = _cli("export", "--checkpoint", str(run), "--scales", "48", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    images = _test_images(run)[:3]
+    from_onnx = _cli("predict", "--checkpoint", str(out), *images)
+    from_torch = _cli("predict", "--checkpoint", str(run), "--device", "cpu", "--scales", "48", *images)
+    assert from_onnx.exit_code == 0 and from_torch.exit_code == 0, from_onnx.output + from_torch.output
+    onnx_scores = [float(line.split("\t")[2]) for line in from_onnx.output.splitlines()]
+    torch_scores = [float(line.split("\t")[2]) for line in from_torch.output.splitlines()]
+    assert onnx_scores == pytest.approx(torch_scores, abs=2e-4)

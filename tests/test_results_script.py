@@ -30,3 +30,13 @@ def test_rewriting_keeps_commentary_outside_the_markers(tmp_path: Path) -> None:
     assert text.startswith("# Intro I wrote") and text.rstrip().endswith("My conclusion.")
     assert "second" in text and "first" not in text
     assert text.count(BEGIN_MARKER) == 1 and text.count(END_MARKER) == 1
+
+
+def test_a_longer_variant_trains_its_multiple_of_the_dataset_epochs_and_says_so() -> None:
+    from multiscale_dali.benchmark.accuracy import DATASETS, VARIANTS
+
+    digits = DATASETS["digits"]
+    assert VARIANTS["recipe-long"].epochs(digits) == 3 * digits.epochs
+    assert VARIANTS["recipe"].epochs(digits) == digits.epochs
+    lines = format_tables({"digits": {"recipe-long": [_run(0.9, 30)]}}, seeds=[0])
+    assert any(line.startswith("| ") and f"**{3 * digits.epochs} epochs**" in line for line in lines)

@@ -53,9 +53,19 @@ class Variant:
     description: str
     flags: tuple[str, ...]
     top_scales: int | None = None  # train on only the largest N of the dataset's scales (None: all)
+    epochs_multiple: int = 1  # train this many times the dataset's epochs
 
     def scales(self, dataset: Dataset) -> tuple[int, ...]:
         return dataset.scales[-self.top_scales:] if self.top_scales else dataset.scales
+
+    def epochs(self, dataset: Dataset) -> int:
+        return dataset.epochs * self.epochs_multiple
+
+    def label(self, dataset: Dataset) -> str:
+        """The table's row name: the description, with the epochs when they are not the dataset's."""
+        if self.epochs_multiple == 1:
+            return self.description
+        return f"{self.description}, **{self.epochs(dataset)} epochs**"
 
 
 DATASETS: dict[str, Dataset] = {
@@ -70,12 +80,24 @@ DATASETS: dict[str, Dataset] = {
 RECIPE_FLAGS: tuple[str, ...] = ("--auto-augment", "trivial", "--mixup", "0.2", "--cutmix", "1.0",
                                  "--label-smoothing", "0.1", "--ema-decay", "0.99")
 
+# The behaviour of multi-scale runs before private BatchNorm and area weighting became the defaults.
+SHARED_FLAGS: tuple[str, ...] = ("--scale-norm", "shared", "--scale-weighting", "equal")
+RECIPE_DESCRIPTION = ("multi-scale + consistency + recipe (TrivialAugment, MixUp 0.2/CutMix 1.0, label smoothing 0.1, "
+                      "EMA 0.99)")
+
 VARIANTS: dict[str, Variant] = {
     "single": Variant("single", "single scale (the top one)", ("--consistency-weight", "0"), top_scales=1),
+    "multiscale-shared": Variant("multiscale-shared", "all scales every step, shared BatchNorm, equal loss shares "
+                                 "(the former default)", ("--consistency-weight", "0", *SHARED_FLAGS)),
     "multiscale": Variant("multiscale", "all scales every step, no consistency", ("--consistency-weight", "0")),
     "consistency": Variant("consistency", "multi-scale + KL consistency 0.5", ("--consistency-weight", "0.5")),
-    "recipe": Variant("recipe", "multi-scale + consistency + recipe (TrivialAugment, MixUp 0.2/CutMix 1.0, "
-                      "label smoothing 0.1, EMA 0.99)", ("--consistency-weight", "0.5", *RECIPE_FLAGS)),
+    "recipe-shared": Variant("recipe-shared", RECIPE_DESCRIPTION + ", shared BatchNorm, equal loss shares",
+                             ("--consistency-weight", "0.5", *RECIPE_FLAGS, *SHARED_FLAGS)),
+    "recipe": Variant("recipe", RECIPE_DESCRIPTION, ("--consistency-weight", "0.5", *RECIPE_FLAGS)),
+    "single-long": Variant("single-long", "single scale (the top one)", ("--consistency-weight", "0"), top_scales=1,
+                           epochs_multiple=3),
+    "recipe-long": Variant("recipe-long", RECIPE_DESCRIPTION, ("--consistency-weight", "0.5", *RECIPE_FLAGS),
+                           epochs_multiple=3),
     "progressive": Variant("progressive", "progressive over all scales (default ramp), equal epochs",
                            ("--mode", "progressive", "--consistency-weight", "0")),
     "progressive-top2": Variant("progressive-top2", "progressive between the top two scales (default ramp), "
@@ -103,7 +125,7 @@ def run_one(dataset: Dataset, variant: Variant, seed: int, *, work: Path, backen
     if not eval_json.is_file():
         scales = variant.scales(dataset)
         train = _cli("train", *_data_flags(dataset), "--out", str(run_dir), "--seed", str(seed), "--backend", backend,
-                     "--model", "tiny_cnn", "--epochs", str(dataset.epochs), "--batch-size", "32", "--lr", "2e-3",
+                     "--model", "tiny_cnn", "--epochs", str(variant.epochs(dataset)), "--batch-size", "32", "--lr", "2e-3",
                      "--warmup-epochs", "1", "--scales", ",".join(map(str, scales)), *dataset.flags, *variant.flags)
         started = time.perf_counter()
         subprocess.run(train, check=True, stdout=subprocess.DEVNULL)
@@ -130,7 +152,7 @@ def format_tables(results: dict[str, dict[str, list[dict[str, Any]]]], seeds: Se
         columns = [f"{s}px" for s in dataset.eval_scales] + ["ensemble"]
         lines += [f"### {dataset.name}: {dataset.description}", "",
                   f"Trained at {'/'.join(map(str, dataset.scales))} px (single: {dataset.top} px), "
-                  f"{dataset.epochs} epochs, seeds {', '.join(map(str, seeds))}; test accuracy, mean ± standard "
+                  f"{dataset.epochs} epochs unless the row says, seeds {', '.join(map(str, seeds))}; test accuracy, mean ± standard "
                   "deviation in points over seeds; eval resolutions in bold are trained ones.", ""]
         header = ["variant"] + [f"**{c}**" if c[:-2].isdigit() and int(c[:-2]) in dataset.scales else c
                                 for c in columns] + ["mean over sizes", "train s"]
@@ -139,7 +161,7 @@ def format_tables(results: dict[str, dict[str, list[dict[str, Any]]]], seeds: Se
             cells = [_mean_spread([run["accuracy"][c] for run in runs]) for c in columns]
             per_seed_mean = [statistics.fmean(run["accuracy"][c] for c in columns[:-1]) for run in runs]
             seconds = statistics.fmean(run["train_seconds"] for run in runs)
-            lines.append(f"| {VARIANTS[variant_name].description} | " + " | ".join(cells)
+            lines.append(f"| {VARIANTS[variant_name].label(dataset)} | " + " | ".join(cells)
                          + f" | {_mean_spread(per_seed_mean)} | {seconds:.0f} |")
         lines.append("")
     return lines

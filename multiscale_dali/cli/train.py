@@ -14,7 +14,7 @@ from multiscale_dali.cli.options import TRAIN_FIELDS, train_options
 from multiscale_dali.cli.progress import check_extras, train_reporter
 from multiscale_dali.constants import EXIT_INTERRUPTED, EXIT_REQUEUE
 from multiscale_dali.errors import ConfigError
-from multiscale_dali.training.config import TrainConfig, config_from_mapping, recipe_config
+from multiscale_dali.training.config import TrainConfig, config_from_checkpoint, config_from_mapping, recipe_config
 
 
 def build_train_config(
@@ -31,7 +31,7 @@ def build_train_config(
         if config_path:
             base = recipe_config(config_path)
         elif resumed is not None:
-            base = config_from_mapping(resumed, source="the checkpoint")
+            base = config_from_checkpoint(resumed, source="the checkpoint")
         else:
             base = TrainConfig()
         if "out" not in given:

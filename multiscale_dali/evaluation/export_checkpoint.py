@@ -9,7 +9,8 @@ is written beside the target and moved onto it only once verified, so a failed e
 a good file; one that fails its check is kept as ``NAME.rejected.onnx`` for inspection.
 
 The file also carries what ``predict`` needs to use it without the checkpoint: class names, task and
-exported scales (ONNX metadata, see :mod:`~multiscale_dali.evaluation.onnx_predict`).
+exported scales (ONNX metadata, see :mod:`~multiscale_dali.evaluation.onnx_predict`). A network with
+BatchNorm private to each trained scale is exported with the branch of the largest exported scale.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from multiscale_dali.evaluation.model import LoadedModel, load_model
 from multiscale_dali.evaluation.onnx_predict import META_CHECKPOINT, META_CLASSES, META_TASK
 from multiscale_dali.fileio import atomic_write_text
 from multiscale_dali.models.input_size import check_model_scales
+from multiscale_dali.models.scale_norm import collapse_scale_norm, has_private_scale_norm
 from multiscale_dali.pipelines.torchvision_backend import load_rgb
 from multiscale_dali.training.losses import num_outputs
 
@@ -98,6 +100,12 @@ def export_checkpoint(checkpoint: str | Path, *, options: ExportOptions) -> dict
     loaded = load_model(checkpoint, device="cpu")
     scales = tuple(sorted(set(options.scales)))
     check_model_scales(loaded.config.model, scales, num_outputs=num_outputs(loaded.task, len(loaded.classes)))
+    if has_private_scale_norm(loaded.model):
+        # An ONNX graph cannot pick a BatchNorm branch by input size: it carries the branch of the
+        # largest exported scale, and is verified against that same network at every scale.
+        log.info("BatchNorm private to each trained scale: the export carries the %d px branch (export once per "
+                 "scale for the others)", scales[-1])
+        collapse_scale_norm(loaded.model, scales[-1])
     out = Path(options.out)
     split, images = verification_images(loaded, data=options.data, count=options.verify_images)
     metadata = {META_CLASSES: json.dumps(list(loaded.classes)), META_TASK: loaded.task,

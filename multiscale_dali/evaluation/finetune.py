@@ -36,6 +36,7 @@ from multiscale_dali.errors import ConfigError
 from multiscale_dali.evaluation.evaluate import load_splits, resolve_data_root
 from multiscale_dali.evaluation.model import LoadedModel, load_model
 from multiscale_dali.models.input_size import check_model_scales
+from multiscale_dali.models.scale_norm import collapse_scale_norm
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.pipelines.factory import build_loader, resolve_backend
 from multiscale_dali.pipelines.schedule import constant_schedule
@@ -116,8 +117,12 @@ class _Job:
         self.loaded, self.options, self.scale = loaded, options, options.scale
         self.backend = resolve_backend(options.backend)
         self.splits = load_splits(loaded, resolve_data_root(loaded, options.data))
+        # A model with BatchNorm private to each trained scale keeps the branch nearest to the new
+        # scale: the fine-tuned network is a plain one for that resolution.
+        collapse_scale_norm(loaded.model, self.scale)
         self.config = loaded.config.replace(
-            out=str(out), mode="multiscale", scales=(self.scale,), schedule="", epochs=options.epochs, lr=options.lr,
+            out=str(out), mode="multiscale", scales=(self.scale,), schedule="", scale_norm="shared",
+            epochs=options.epochs, lr=options.lr,
             warmup_epochs=0.0, lr_schedule="cosine", consistency_weight=0.0, backend=options.backend,
             device=options.device, workers=options.workers,
             batch_size=options.batch_size or loaded.config.batch_size)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from multiscale_dali.models.registry import build_model
+from multiscale_dali.models.scale_norm import private_scale_norm
 from multiscale_dali.pipelines.schedule import ScaleSchedule
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
-from multiscale_dali.training.config import ConfigError, TrainConfig, config_from_mapping
+from multiscale_dali.training.config import ConfigError, TrainConfig, config_from_checkpoint
 from multiscale_dali.training.losses import num_outputs
 from multiscale_dali.training.resume import run_dir_of
 
@@ -59,11 +60,13 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Loade
     missing = [key for key in ("config", "classes", "task", "schedule") if key not in payload]
     if state is None or missing:
         raise ConfigError("checkpoint", f"{path} lacks {', '.join(missing) or 'model weights'}: not a run checkpoint")
-    config = config_from_mapping(payload["config"], source=f"the checkpoint {path}")
+    config = config_from_checkpoint(payload["config"], source=f"the checkpoint {path}")
     classes = tuple(payload["classes"])
     task = payload["task"]
     outputs = num_outputs(task, len(classes))
     model = build_model(config.model, num_outputs=outputs, pretrained=False)
+    if config.private_scale_norm:
+        model = private_scale_norm(model, config.scales)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # another model's weights, or a head for another task or class count

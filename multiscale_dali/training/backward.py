@@ -80,18 +80,19 @@ class StepBackward:
         logits: dict[int, torch.Tensor] = {}
         shares: dict[int, ScaleShare] = {}
         teacher: torch.Tensor | None = None
+        weights = self.loss.base_weights(scales)
         total = torch.zeros((), device=self.device)
         chunks = largest_scale_chunks(batch.images) if self.micro_batch_largest else 1
         for index, scale in enumerate(scales):
             if teacher is None and chunks > 1:
                 share, out = self._largest_in_chunks(prepared, scale, chunks, num_scales=len(scales),
-                                                     loss_scale=loss_scale)
+                                                     base_weight=weights[scale], loss_scale=loss_scale)
             else:
                 with self.no_sync(not (sync and index == len(scales) - 1)):
                     with self.autocast(), self.shape_budget():
                         out = self.model({scale: batch.images[scale]})[scale]
                         share = self.loss.scale_share(out, prepared.target_at(scale), teacher, num_scales=len(scales),
-                                                      is_teacher=teacher is None)
+                                                      is_teacher=teacher is None, base_weight=weights[scale])
                     self.scaler.scale(_scaled(share.total, loss_scale)).backward()
                 out = out.detach()
             total = total + share.total.detach().float()
@@ -102,10 +103,10 @@ class StepBackward:
         return StepLosses.from_shares(shares, total), logits
 
     def _largest_in_chunks(self, prepared: PreparedBatch, scale: int, chunks: int, *, num_scales: int,
-                           loss_scale: float) -> tuple[ScaleShare, torch.Tensor]:
+                           base_weight: float, loss_scale: float) -> tuple[ScaleShare, torch.Tensor]:
         """The largest (teacher) scale in ``chunks`` pieces, each forward followed by its backward.
 
-        Its share of the objective is ``base / S`` with ``base`` a batch mean, so a chunk of ``n_c``
+        Its share of the objective is ``w_s * base`` with ``base`` a batch mean, so a chunk of ``n_c``
         of the batch's ``B`` samples contributes ``n_c / B`` of it. Never the step's last backward
         (smaller scales follow), so every chunk runs in ``no_sync``.
         """
@@ -116,9 +117,10 @@ class StepBackward:
                 weight = x.shape[0] / size
                 with self.autocast(), self.shape_budget():
                     out = self.model({scale: x})[scale]
-                    share = self.loss.scale_share(out, labels, None, num_scales=num_scales, is_teacher=True)
+                    share = self.loss.scale_share(out, labels, None, num_scales=num_scales, is_teacher=True,
+                                                  base_weight=base_weight)
                 self.scaler.scale(share.total * (weight * loss_scale)).backward()
                 outs.append(out.detach())
                 bases.append(share.base.detach() * weight)
         base = torch.stack(bases).sum()
-        return ScaleShare(base=base, divergence=None, total=base / num_scales), torch.cat(outs)
+        return ScaleShare(base=base, divergence=None, total=base * base_weight), torch.cat(outs)

@@ -25,8 +25,13 @@ from multiscale_dali.constants import (
     DEFAULT_SPLIT_FRACTIONS,
     DEVICE_PATTERN,
     MODES,
+    SCALE_NORMS,
+    SCALE_WEIGHTINGS,
     TASKS,
     TEACHERS,
+    Mode,
+    ScaleNorm,
+    ScaleWeighting,
 )
 from multiscale_dali.data.discovery import validate_fractions
 from multiscale_dali.pipelines.schedule import parse_scales
@@ -98,6 +103,11 @@ class TrainConfig:
     consistency_weight: float = 0.0
     consistency_type: str = "kl_divergence"
     teacher: str = "largest"
+    # Multi-scale steps: each scale's share of the base loss (losses.base_weights), and BatchNorm
+    # shared by the scales or private to each ("": private in multiscale mode with several scales;
+    # models/scale_norm.py says why).
+    scale_weighting: str = ScaleWeighting.AREA.value
+    scale_norm: str = ""
     optimizer: str = "adamw"
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -141,6 +151,12 @@ class TrainConfig:
         _choice("task", self.task, TASKS)
         _choice("consistency_type", self.consistency_type, CONSISTENCY_TYPES)
         _choice("teacher", self.teacher, TEACHERS)
+        _choice("scale_weighting", self.scale_weighting, SCALE_WEIGHTINGS)
+        if self.scale_norm:
+            _choice("scale_norm", self.scale_norm, SCALE_NORMS)
+        if self.scale_norm == ScaleNorm.PRIVATE and self.mode == Mode.PROGRESSIVE:
+            raise ConfigError("scale_norm", "private BatchNorm per scale needs every scale trained from the start "
+                              "(--mode multiscale); a progressive run would reach its last scale with untrained ones")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("amp", self.amp, AMP_CHOICES)
@@ -196,6 +212,13 @@ class TrainConfig:
             raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
         check_recipe_fields(self)
 
+    @property
+    def private_scale_norm(self) -> bool:
+        """Whether the network gets one BatchNorm per scale (``scale_norm``, "" resolved by the mode)."""
+        if self.scale_norm:
+            return self.scale_norm == ScaleNorm.PRIVATE and len(self.scales) > 1
+        return self.mode == Mode.MULTISCALE and len(self.scales) > 1
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -247,6 +270,17 @@ def config_from_mapping(values: Mapping[str, Any], *, base: TrainConfig | None =
         )
     coerced = {k: _coerce(k, v) for k, v in values.items()}
     return dataclasses.replace(base or TrainConfig(), **coerced)
+
+
+# What a checkpoint written before a key existed meant by its absence: the behaviour of that time.
+_BEFORE_KEY_EXISTED: dict[str, Any] = {"scale_norm": ScaleNorm.SHARED.value,
+                                       "scale_weighting": ScaleWeighting.EQUAL.value}
+
+
+def config_from_checkpoint(values: Mapping[str, Any], *, source: str) -> TrainConfig:
+    """The configuration a checkpoint (or its ``config.json``) records; keys added since it was written
+    take the value that reproduces what the run did then, not today's default."""
+    return config_from_mapping({**_BEFORE_KEY_EXISTED, **values}, source=source)
 
 
 RECIPES_PACKAGE = "multiscale_dali.recipes"

@@ -2,12 +2,13 @@
 
 Every step runs the model on several resolutions of the same crop. The objective is
 
-    total = mean_s base(logits_s, labels) + weight * mean_{s in students} D(student_s || teacher)
+    total = sum_s w_s base(logits_s, labels) + weight * mean_{s in students} D(student_s || teacher)
 
 where ``base`` is cross-entropy (multiclass) or BCE-with-logits on a single logit (binary), and
 ``D`` is one of :data:`~multiscale_dali.constants.CONSISTENCY_TYPES`. The teacher is an explicit
 choice (see :data:`TEACHERS`): the largest scale's prediction, or the ensemble mean of every scale's
-probabilities.
+probabilities. The base weights ``w_s`` sum to 1: equal (``1/S``), or in proportion to each scale's
+pixels (``area``, the default of a run: see :func:`base_weights`).
 
 Divergences are computed from log-probabilities (``log_softmax`` / ``logsigmoid``), never from
 ``log(softmax(...))``: with logits around 1e4 the probabilities underflow to exactly 0 and the naive
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from multiscale_dali.errors import ConfigError
-from multiscale_dali.constants import CONSISTENCY_TYPES, TASKS, TEACHERS
+from multiscale_dali.constants import CONSISTENCY_TYPES, SCALE_WEIGHTINGS, TASKS, TEACHERS, ScaleWeighting
 
 BINARY = "binary"
 MULTICLASS = "multiclass"
@@ -235,6 +236,24 @@ class LossValues:
         return components
 
 
+def base_weights(scales: Sequence[int], weighting: str = ScaleWeighting.EQUAL) -> dict[int, float]:
+    """Each scale's share of the base loss, summing to 1.
+
+    ``equal``: ``1/S``. ``area``: in proportion to ``scale**2``, the pixels of a sample there. Why
+    area: with equal shares, two of three scales below the top one pull the shared weights towards the
+    small resolutions, and on held-out digits the top scale lost 5 points against single-scale
+    training; weighting by area gives the top scale the largest share (0.55 for 16/24/32 or 64/96/128)
+    without a tuned constant (docs/results.md).
+    """
+    if weighting not in SCALE_WEIGHTINGS:
+        raise ValueError(f"unknown scale weighting {weighting!r}; expected one of {list(SCALE_WEIGHTINGS)}")
+    if not scales:
+        raise ValueError("base_weights needs at least one scale")
+    raw = {s: 1.0 if weighting == ScaleWeighting.EQUAL else float(s) ** 2 for s in scales}
+    total = sum(raw.values())
+    return {s: value / total for s, value in raw.items()}
+
+
 @dataclass(frozen=True)
 class StepLosses:
     """One step's objective and its terms, on the device: reading them is a device sync (see :meth:`read`)."""
@@ -272,11 +291,12 @@ class ScaleShare:
 
     base: torch.Tensor  # the scale's mean base loss
     divergence: torch.Tensor | None  # D(scale || teacher); None for the teacher itself or without consistency
-    total: torch.Tensor  # base / S, plus w / (S - 1) * divergence for a student: what to backpropagate
+    total: torch.Tensor  # w_s * base, plus w / (S - 1) * divergence for a student: what to backpropagate
 
 
 class ScaleConsistencyLoss(torch.nn.Module):
-    """Base loss averaged over scales plus a weighted scale-consistency term.
+    """Base loss over scales (shares from ``scale_weighting``, see :func:`base_weights`) plus a
+    weighted scale-consistency term.
 
     ``teacher="largest"``: the largest scale's prediction teaches every smaller scale (the largest
     is not its own student). ``teacher="mean"``: the ensemble of all scales' probabilities (see
@@ -293,6 +313,7 @@ class ScaleConsistencyLoss(torch.nn.Module):
         consistency_type: str = "kl_divergence",
         teacher: str = TEACHER_LARGEST,
         detach_teacher: bool = True,
+        scale_weighting: str = ScaleWeighting.EQUAL,
     ) -> None:
         super().__init__()
         # Validate eagerly: a typo in a config should fail at construction, not at step 1 of a run.
@@ -312,12 +333,18 @@ class ScaleConsistencyLoss(torch.nn.Module):
         self.consistency_type = consistency_type
         self.teacher = teacher
         self.detach_teacher = bool(detach_teacher)
+        base_weights([1], scale_weighting)  # refuses an unknown weighting now, not at step 1
+        self.scale_weighting = scale_weighting
+
+    def base_weights(self, scales: Sequence[int]) -> dict[int, float]:
+        """Each scale's share of the base loss in a step over ``scales``."""
+        return base_weights(scales, self.scale_weighting)
 
     def extra_repr(self) -> str:
         return (
             f"task={self.task!r}, consistency_weight={self.consistency_weight}, "
             f"consistency_type={self.consistency_type!r}, teacher={self.teacher!r}, "
-            f"detach_teacher={self.detach_teacher}"
+            f"detach_teacher={self.detach_teacher}, scale_weighting={self.scale_weighting!r}"
         )
 
     def _consistency_active(self, num_scales: int) -> bool:
@@ -339,7 +366,8 @@ class ScaleConsistencyLoss(torch.nn.Module):
         scales = sorted(logits_by_scale)
         per_scale = [base_loss(logits_by_scale[s], labels[s] if isinstance(labels, Mapping) else labels,
                                task=self.task) for s in scales]
-        base = torch.stack(per_scale).mean()
+        weights = self.base_weights(scales)
+        base = torch.stack([weights[s] * loss for s, loss in zip(scales, per_scale)]).sum()
         if not self._consistency_active(len(scales)):
             return StepLosses(base=dict(zip(scales, per_scale)), consistency=None, total=base)
         if self.teacher == TEACHER_LARGEST:
@@ -370,13 +398,15 @@ class ScaleConsistencyLoss(torch.nn.Module):
         *,
         num_scales: int,
         is_teacher: bool,
+        base_weight: float | None = None,
     ) -> ScaleShare:
         """One scale's share of :meth:`forward`'s total, for a step that holds one scale's graph at a time.
 
-        With ``S = num_scales`` and ``w`` the consistency weight, the term is::
+        With ``S = num_scales``, ``w_s = base_weight`` (the scale's entry of :meth:`base_weights`;
+        ``None``: ``1/S``) and ``w`` the consistency weight, the term is::
 
-            teacher (largest) scale:  base_s / S
-            every other scale:        base_s / S + w / (S - 1) * D(scale || teacher_target)
+            teacher (largest) scale:  w_s * base_s
+            every other scale:        w_s * base_s + w / (S - 1) * D(scale || teacher_target)
 
         ``teacher_target`` (the largest scale's logits; ignored, may be ``None``, for the teacher
         itself) is detached here, so each term's graph ends at its own scale. The terms therefore
@@ -399,7 +429,7 @@ class ScaleConsistencyLoss(torch.nn.Module):
         if num_scales < 1:
             raise ValueError(f"num_scales must be >= 1, got {num_scales}")
         base = base_loss(scale_logits, labels, task=self.task)
-        term = base / num_scales
+        term = base / num_scales if base_weight is None else base * base_weight
         if not self._consistency_active(num_scales):
             # Without a consistency term the objective is separable whatever the teacher setting.
             return ScaleShare(base=base, divergence=None, total=term)
@@ -429,7 +459,8 @@ class ScaleConsistencyLoss(torch.nn.Module):
         *,
         num_scales: int,
         is_teacher: bool,
+        base_weight: float | None = None,
     ) -> torch.Tensor:
         """The ``total`` of :meth:`scale_share`: one scale's share of :meth:`forward`'s total."""
         return self.scale_share(scale_logits, labels, teacher_target, num_scales=num_scales,
-                                is_teacher=is_teacher).total
+                                is_teacher=is_teacher, base_weight=base_weight).total

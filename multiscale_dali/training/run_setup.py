@@ -13,6 +13,7 @@ from torch import nn
 
 from multiscale_dali.errors import ConfigError
 from multiscale_dali.models.registry import build_model
+from multiscale_dali.models.scale_norm import private_scale_norm
 from multiscale_dali.pipelines.schedule import (
     ScaleSchedule,
     constant_schedule,
@@ -86,6 +87,8 @@ def seed_everything(seed: int) -> None:
 def build_network(config: TrainConfig, *, task: str, num_classes: int, device: torch.device) -> nn.Module:
     """The configured model with the task's head, on ``device`` in the configured memory format."""
     model = build_model(config.model, num_outputs=num_outputs(task, num_classes), pretrained=config.pretrained)
+    if config.private_scale_norm:
+        model = private_scale_norm(model, config.scales)
     return model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
 
 
@@ -147,7 +150,8 @@ def build_trainer(
     return trainer_cls(
         model,
         loss=ScaleConsistencyLoss(task=task, consistency_weight=config.consistency_weight,
-                                  consistency_type=config.consistency_type, teacher=config.teacher),
+                                  consistency_type=config.consistency_type, teacher=config.teacher,
+                                  scale_weighting=config.scale_weighting),
         optimizer=optimizer,
         schedule=schedule,
         options=TrainerOptions(epochs=config.epochs, amp_dtype=resolve_amp(config.amp, context.device),
