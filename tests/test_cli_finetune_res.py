@@ -30,7 +30,9 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def source(data) -> Path:
-    return train_tiny_run(data, data.parent / "run")
+    # Shared BatchNorm, so the fine-tuned weights compare key by key with the source's; a model with
+    # BatchNorm private to each scale is collapsed to one branch first (test below).
+    return train_tiny_run(data, data.parent / "run", scale_norm="shared")
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +92,16 @@ def test_a_model_without_batchnorm_fine_tunes_its_classifier_only_and_says_so(da
     old = torch.load(checkpoint, weights_only=True)["model"]
     new = torch.load(tmp_path / "vit-fixres48" / "best.pt", weights_only=True)["model"]
     assert {key for key in old if not torch.equal(old[key], new[key])} == {"head.weight", "head.bias"}
+
+
+def test_a_model_with_private_norms_is_fine_tuned_as_a_plain_network_of_its_nearest_branch(data, tmp_path):
+    run = train_tiny_run(data, tmp_path / "private")
+    assert any(".norms.48." in key for key in torch.load(run, weights_only=True)["model"])
+    out = tmp_path / "fixres"
+    result = _cli("finetune-res", "--checkpoint", str(run), "--scale", str(SCALE), "--epochs", "1", "--out", str(out),
+                  *_flags())
+    assert result.exit_code == 0, result.output
+    keys = set(torch.load(out / "best.pt", weights_only=True)["model"])
+    assert "features.1.weight" in keys and not any(".norms." in key for key in keys)
+    evaluated = _cli("evaluate", "--checkpoint", str(out / "best.pt"), *_flags())
+    assert evaluated.exit_code == 0, evaluated.output

@@ -38,6 +38,7 @@ from multiscale_dali.pipelines.spec import LoaderSpec, ShardSource
 from multiscale_dali.pipelines.factory import build_loader, dali_installed
 from multiscale_dali.training.losses import ScaleConsistencyLoss, base_loss, predict
 from multiscale_dali.training.metrics import ScaleMeter
+from multiscale_dali.evaluation.model import load_model
 from multiscale_dali.models.registry import build_model
 from multiscale_dali.pipelines.schedule import constant_schedule
 from multiscale_dali.training.trainer import MultiScaleTrainer, TrainerOptions
@@ -347,10 +348,8 @@ def _metric_epochs(run: Path) -> list[int]:
 
 def _single_process_test_metrics(run: Path, data: Path, backend: str) -> dict[int, dict[str, float]]:
     """The test split evaluated by this one process with ``best.pt``: the reference for 2 ranks."""
-    best = torch.load(run / "best.pt", weights_only=True)
-    net = build_model("tiny_cnn", num_outputs=1)
-    net.load_state_dict(best["model"])
-    net = net.to(memory_format=torch.channels_last).eval()
+    # Rebuilt as evaluate does (private BatchNorm per scale, as the run trained it).
+    net = load_model(run / "best.pt", device="cpu").model.to(memory_format=torch.channels_last).eval()
     if is_packed_dir(data):
         source = {"files": (), "labels": (), "shards": ShardSource(manifest=load_manifest(data), split="test")}
     else:

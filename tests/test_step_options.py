@@ -11,6 +11,7 @@ from torch import nn
 
 from multiscale_dali.cli.main import main
 from multiscale_dali.models.registry import build_model
+from multiscale_dali.models.scale_norm import private_scale_norm
 from multiscale_dali.pipelines.batch import MultiScaleBatch
 from multiscale_dali.pipelines.schedule import constant_schedule
 from multiscale_dali.training.accumulate import micro_batches
@@ -20,6 +21,7 @@ from multiscale_dali.training.distributed import DistributedContext
 from multiscale_dali.training.losses import ScaleConsistencyLoss
 from multiscale_dali.training.metrics import ScaleMeter
 from multiscale_dali.training.micro_batch import largest_scale_chunks
+from multiscale_dali.training.segments import segment_groups
 from multiscale_dali.training.run_setup import build_trainer
 from multiscale_dali.training.trainer import MultiScaleTrainer, TrainerOptions
 from multiscale_dali.training.wrapping import sync_batchnorm
@@ -164,6 +166,32 @@ def test_a_batchnorm_model_is_micro_batched_only_when_asked():
     ghost = _trainer(net(), memory_efficient=True, micro_batch_batchnorm=True)
     assert _largest_scale_batch_sizes(ghost, batch) == [3, 3, 2]
     assert all(torch.isfinite(p).all() for p in ghost.net.parameters())
+
+
+def test_a_batchnorm_model_checkpoints_its_largest_scale_with_the_naive_gradients_and_statistics():
+    batch = _batch(8, seed=3)
+
+    def net():
+        torch.manual_seed(0)
+        # Private BatchNorm per scale (the multi-scale default): every scale's statistics then move
+        # the same way whatever order the step runs the scales in, so naive and efficient compare exactly.
+        return private_scale_norm(build_model("tiny_cnn", num_outputs=3), SCALES)
+
+    naive, efficient = _trainer(net()), _trainer(net(), memory_efficient=True)
+    assert efficient._backward.checkpoint_net is efficient.net and naive._backward.checkpoint_net is None
+    for want, got in zip(_gradients_of_first_step(naive, [batch]), _gradients_of_first_step(efficient, [batch])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # The recomputation in the backward ran BatchNorm again; its statistics still moved once.
+    for want, got in zip(naive.net.buffers(), efficient.net.buffers()):
+        torch.testing.assert_close(got, want)
+
+
+def test_segments_never_start_with_an_in_place_module():
+    relu = nn.ReLU(inplace=True)
+    children = [nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), relu] * 4
+    groups = segment_groups(children)
+    assert sum(len(g) for g in groups) == len(children) and len(groups) > 1
+    assert all(group[0] is not relu for group in groups)
 
 
 # ------------------------------------------------------------------------------------ torch.compile

@@ -22,6 +22,7 @@ from multiscale_dali.training.compiled import no_shape_budget
 from multiscale_dali.training.losses import ScaleConsistencyLoss, ScaleShare, StepLosses
 from multiscale_dali.training.micro_batch import largest_scale_chunks, split_batch
 from multiscale_dali.training.recipe import PreparedBatch
+from multiscale_dali.training.segments import checkpointed_segments, restore_buffers, snapshot_buffers
 
 
 def _scaled(loss: torch.Tensor, factor: float) -> torch.Tensor:
@@ -42,6 +43,9 @@ class StepBackward:
     amp_dtype: torch.dtype | None = None  # None: full precision
     memory_efficient: bool = False
     micro_batch_largest: bool = False  # with memory_efficient: the largest scale in chunks
+    # With memory_efficient (and not micro-batched): the bare network whose largest-scale forward runs
+    # in checkpointed segments (segments.py), exact with BatchNorm; None: not checkpointed.
+    checkpoint_net: nn.Module | None = None
     # Around every call of a compiled network: its recompile limit (see compiled.shape_budget).
     shape_budget: Callable[[], ContextManager[object]] = no_shape_budget
 
@@ -87,6 +91,9 @@ class StepBackward:
             if teacher is None and chunks > 1:
                 share, out = self._largest_in_chunks(prepared, scale, chunks, num_scales=len(scales),
                                                      base_weight=weights[scale], loss_scale=loss_scale)
+            elif teacher is None and self.checkpoint_net is not None:
+                share, out = self._largest_checkpointed(prepared, scale, num_scales=len(scales),
+                                                        base_weight=weights[scale], loss_scale=loss_scale)
             else:
                 with self.no_sync(not (sync and index == len(scales) - 1)):
                     with self.autocast(), self.shape_budget():
@@ -101,6 +108,28 @@ class StepBackward:
             if teacher is None:
                 teacher = out
         return StepLosses.from_shares(shares, total), logits
+
+    def _largest_checkpointed(self, prepared: PreparedBatch, scale: int, *, num_scales: int, base_weight: float,
+                              loss_scale: float) -> tuple[ScaleShare, torch.Tensor]:
+        """The largest (teacher) scale on its whole batch, its forward in checkpointed segments.
+
+        The backward recomputes each segment, BatchNorm's train-mode forward included, so the running
+        statistics it moved a second time are put back to what the real forward left. Nothing runs
+        between this forward and its backward: a network with private BatchNorm per scale still has
+        this scale's branch selected when the segments are recomputed.
+        """
+        net = self.checkpoint_net
+        assert net is not None
+        with self.no_sync(True):  # smaller scales follow: never the step's last backward
+            with self.autocast(), self.shape_budget():
+                with checkpointed_segments(net):
+                    out = self.model({scale: prepared.batch.images[scale]})[scale]
+                share = self.loss.scale_share(out, prepared.target_at(scale), None, num_scales=num_scales,
+                                              is_teacher=True, base_weight=base_weight)
+            after_forward = snapshot_buffers(net)
+            self.scaler.scale(_scaled(share.total, loss_scale)).backward()
+            restore_buffers(net, after_forward)
+        return share, out.detach()
 
     def _largest_in_chunks(self, prepared: PreparedBatch, scale: int, chunks: int, *, num_scales: int,
                            base_weight: float, loss_scale: float) -> tuple[ScaleShare, torch.Tensor]:

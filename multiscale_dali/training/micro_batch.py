@@ -8,10 +8,8 @@ batch) when the samples of a batch do not interact, which holds for every layer 
 BatchNorm in training mode: it normalises with the statistics of the batch it sees, so a chunk is
 normalised with the chunk's statistics and its running statistics take one update per chunk. That
 is ghost batch normalisation, a known regulariser but not the naive step, so a model with BatchNorm
-is micro-batched only when asked (``--micro-batch-batchnorm``). Checkpointing the largest scale's
-forward as a whole would be exact with BatchNorm, but its backward rebuilds all of the scale's
-activations at once, so the peak stays; checkpointing segments of it needs each architecture's
-structure.
+is micro-batched only when asked (``--micro-batch-batchnorm``). Otherwise its forward runs on the
+whole batch in checkpointed segments (:mod:`~multiscale_dali.training.segments`), which is exact.
 """
 
 from __future__ import annotations
@@ -23,6 +21,8 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from multiscale_dali.training.segments import has_segments
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,22 @@ def micro_batch_largest(net: nn.Module, *, memory_efficient: bool, batchnorm_opt
         return False
     if batchnorm_opt_in or not has_batchnorm(net):
         return True
-    log.info("memory-efficient step: the largest scale runs as one batch, because micro-batching it would "
-             "change the BatchNorm statistics; --micro-batch-batchnorm allows it (lower peak memory)")
+    log.info("memory-efficient step: the largest scale runs as one batch in checkpointed segments, because "
+             "micro-batching it would change the BatchNorm statistics; --micro-batch-batchnorm allows that")
     return False
+
+
+def checkpoint_largest(net: nn.Module, *, memory_efficient: bool, micro_batched: bool, compiled: bool) -> bool:
+    """Whether the memory-efficient step runs the largest scale's forward in checkpointed segments:
+    when it is not micro-batched and the network has segments. Not under ``--compile``: swapping a
+    module's forward would recompile the graph every step."""
+    if not memory_efficient or micro_batched or compiled:
+        return False
+    if not has_segments(net):
+        log.info("memory-efficient step: %s has no nn.Sequential to checkpoint; the largest scale runs as usual",
+                 type(net).__name__)
+        return False
+    return True
 
 
 def pixels(images: torch.Tensor) -> int:

@@ -30,7 +30,7 @@ from multiscale_dali.training.distributed import DistributedContext
 from multiscale_dali.training.losses import LossValues, ScaleConsistencyLoss, base_loss, predict
 from multiscale_dali.training.metrics import ScaleMeter
 from multiscale_dali.training.recipe import EMA, RAW, PreparedBatch, StepRecipe
-from multiscale_dali.training.micro_batch import micro_batch_largest
+from multiscale_dali.training.micro_batch import checkpoint_largest, micro_batch_largest
 from multiscale_dali.training.wrapping import MultiScaleModel, training_modules
 # The records are part of the trainer's interface: reporting and the CLI import them from here.
 from multiscale_dali.training.records import EpochRecord, FitResult, StepEvent
@@ -109,11 +109,14 @@ class MultiScaleTrainer:
             self.device.type, enabled=options.amp_dtype == torch.float16
         )
         num_scales = len(schedule.all_scales)
+        micro_batched = micro_batch_largest(self.net, memory_efficient=options.memory_efficient,
+                                            batchnorm_opt_in=options.micro_batch_batchnorm)
+        checkpointed = checkpoint_largest(self.net, memory_efficient=options.memory_efficient,
+                                          micro_batched=micro_batched, compiled=options.compile_backend is not None)
         self._backward = StepBackward(
             self.model, loss=loss, scaler=self.scaler, device=self.device, amp_dtype=options.amp_dtype,
-            memory_efficient=options.memory_efficient,
-            micro_batch_largest=micro_batch_largest(self.net, memory_efficient=options.memory_efficient,
-                                                    batchnorm_opt_in=options.micro_batch_batchnorm),
+            memory_efficient=options.memory_efficient, micro_batch_largest=micro_batched,
+            checkpoint_net=self.net if checkpointed else None,
             shape_budget=(lambda: shape_budget(num_scales)) if options.compile_backend else no_shape_budget)
         self.epoch = 0
         self.global_step = 0
