@@ -116,3 +116,16 @@ def test_a_checkpoint_written_before_the_keys_existed_loads_as_it_trained():
     assert not config.private_scale_norm and config.scale_weighting == "equal"
     new = config_from_checkpoint(TrainConfig(scales=SCALES).to_dict(), source="new.pt")
     assert new.private_scale_norm and new.scale_weighting == "area"
+
+
+def test_one_scale_at_a_time_under_ddp_is_refused_with_private_norms():
+    from types import SimpleNamespace
+
+    from multiscale_dali.training.wrapping import check_wrapping
+
+    ranks = SimpleNamespace(is_distributed=True, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="--scale-norm shared"):
+        check_wrapping(TrainConfig(scales=SCALES, memory_efficient=True), ranks)
+    check_wrapping(TrainConfig(scales=SCALES, memory_efficient=True, scale_norm="shared"), ranks)
+    check_wrapping(TrainConfig(scales=SCALES, memory_efficient=True), SimpleNamespace(is_distributed=False,
+                                                                                      device=torch.device("cpu")))

@@ -228,6 +228,17 @@ def test_compiled_training_compiles_in_the_first_epoch_only_and_checkpoints_the_
     assert not any("_orig_mod" in key for key in state)
 
 
+@needs_dynamo
+def test_private_norms_compile_one_graph_per_shape_too():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    net = private_scale_norm(build_model("tiny_cnn", num_outputs=3), SCALES)
+    trainer, after_first, after_second = _compiled_run("aot_eager", net)
+    # The branch follows the input shape, which the graphs are specialised on already: no more graphs.
+    assert after_first == 4 and after_second == after_first
+
+
 @pytest.mark.slow  # inductor generates and compiles C++ kernels: ~30-60 s on a busy 2-core box
 @pytest.mark.skipif(compile_unavailable(torch.device("cpu")) is not None or shutil.which("g++") is None,
                     reason="inductor needs a C++ compiler for CPU kernels")

@@ -72,6 +72,11 @@ def check_wrapping(config: TrainConfig, context: DistributedContext) -> None:
         where = "a single process" if not context.is_distributed else "the CPU (gloo has no SyncBatchNorm)"
         raise ConfigError("sync_bn", f"needs CUDA devices under torchrun (several processes with NCCL); this run "
                           f"is {where}. Launch with torchrun --nproc-per-node N on GPUs, or drop --sync-bn")
+    if config.memory_efficient and config.private_scale_norm and context.is_distributed:
+        # One backward per scale, and DDP all-reduces in the last one only: the other scales'
+        # BatchNorm branches take no part in it, so their gradients would never be averaged.
+        raise ConfigError("memory_efficient", "under torchrun needs --scale-norm shared: with BatchNorm private to "
+                          "each scale, only the last scale's branch takes part in the backward that DDP all-reduces")
     if config.compile:
         reason = compile_unavailable(context.device)
         if reason is not None:
