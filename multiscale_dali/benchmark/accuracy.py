@@ -94,6 +94,8 @@ VARIANTS: dict[str, Variant] = {
     "recipe-shared": Variant("recipe-shared", RECIPE_DESCRIPTION + ", shared BatchNorm, equal loss shares",
                              ("--consistency-weight", "0.5", *RECIPE_FLAGS, *SHARED_FLAGS)),
     "recipe": Variant("recipe", RECIPE_DESCRIPTION, ("--consistency-weight", "0.5", *RECIPE_FLAGS)),
+    "progressive-long": Variant("progressive-long", "progressive over all scales (default ramp)",
+                                ("--mode", "progressive", "--consistency-weight", "0"), epochs_multiple=3),
     "single-recipe": Variant("single-recipe", "single scale (the top one) + recipe", ("--consistency-weight", "0",
                              *RECIPE_FLAGS), top_scales=1),
     "single-recipe-long": Variant("single-recipe-long", "single scale (the top one) + recipe",
