@@ -180,6 +180,10 @@ def test_resume_refuses_a_changed_setting_naming_the_flag(tmp_path, image_root):
     # The cosine curve is laid out over the epochs: extending it would jump the learning rate back up.
     result = CliRunner().invoke(main, ["train", "--resume", "auto", "--out", str(out), "--epochs", "3"])
     assert result.exit_code == 2 and "--epochs" in result.output and "cosine" in result.output
+    # The network's BatchNorm layout is part of what was trained: the run recorded it spelled out.
+    assert json.loads((out / "config.json").read_text())["config"]["scale_norm"] == "private"
+    result = CliRunner().invoke(main, ["train", "--resume", "auto", "--out", str(out), "--scale-norm", "shared"])
+    assert result.exit_code == 2 and "--scale-norm" in result.output and "'private'" in result.output
 
 
 def test_resume_from_another_runs_checkpoint_never_writes_into_a_used_directory(tmp_path, image_root):

@@ -104,6 +104,9 @@ def test_area_weighted_total_is_the_weighted_sum_of_the_base_losses_in_both_step
     weights = base_weights(SCALES, "area")
     expected_base = sum(weights[s] * base_loss(logits[s], labels, task="multiclass") for s in SCALES)
     torch.testing.assert_close(losses.total, expected_base + 0.7 * losses.consistency)
+    values = losses.read()  # the logged base term is the optimised one
+    assert values.total == pytest.approx(values.mean_base + 0.7 * values.consistency)
+    assert values.mean_base == pytest.approx(float(expected_base))
     shares, teacher = {}, None
     for scale in sorted(SCALES, reverse=True):
         shares[scale] = loss.scale_share(logits[scale], labels, teacher, num_scales=len(SCALES),

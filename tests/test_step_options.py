@@ -186,6 +186,33 @@ def test_a_batchnorm_model_checkpoints_its_largest_scale_with_the_naive_gradient
         torch.testing.assert_close(got, want)
 
 
+def test_a_sequential_that_starts_in_place_is_checkpointed_after_its_first_group():
+    # EfficientNet's classifier is Sequential(Dropout(inplace=True), Linear): checkpointing a group that
+    # opens with an in-place module would overwrite the input its recomputation starts from.
+    batch = _batch(8, seed=4)
+
+    def net():
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        return _TrunkAndHead(trunk, head)
+
+    naive, efficient = _trainer(net()), _trainer(net(), memory_efficient=True)
+    assert efficient._backward.checkpoint_net is not None
+    for want, got in zip(_gradients_of_first_step(naive, [batch]), _gradients_of_first_step(efficient, [batch])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+class _TrunkAndHead(nn.Module):
+    def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
 def test_segments_never_start_with_an_in_place_module():
     relu = nn.ReLU(inplace=True)
     children = [nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), relu] * 4

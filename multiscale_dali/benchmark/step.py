@@ -34,7 +34,8 @@ def _task_and_outputs(num_classes: int) -> tuple[str, int]:
 def make_trainer(*, model: str, num_classes: int, scales: Sequence[int], device: str,
                  memory_efficient: bool = False, micro_batch_batchnorm: bool = False,
                  seed: int = 0) -> MultiScaleTrainer:
-    """A :class:`MultiScaleTrainer` as ``msdali train`` builds it: channels_last, AMP auto, SGD.
+    """A :class:`MultiScaleTrainer` as ``msdali train`` builds it: channels_last, AMP auto, SGD, and the
+    multi-scale defaults of :class:`TrainConfig` (BatchNorm private to each scale, loss shares by area).
 
     ``micro_batch_batchnorm``: with ``memory_efficient``, the largest scale in chunks even for a model
     with BatchNorm (``--micro-batch-batchnorm``).
@@ -42,6 +43,8 @@ def make_trainer(*, model: str, num_classes: int, scales: Sequence[int], device:
     from multiscale_dali.training.run import resolve_amp
     from multiscale_dali.training.losses import ScaleConsistencyLoss
     from multiscale_dali.models.registry import build_model
+    from multiscale_dali.models.scale_norm import private_scale_norm
+    from multiscale_dali.training.config import TrainConfig
     from multiscale_dali.training.trainer import MultiScaleTrainer, TrainerOptions
 
     task, outputs = _task_and_outputs(num_classes)
@@ -50,10 +53,14 @@ def make_trainer(*, model: str, num_classes: int, scales: Sequence[int], device:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_model(model, num_outputs=outputs)
+    defaults = TrainConfig(scales=tuple(scales))
+    if defaults.private_scale_norm:
+        net = private_scale_norm(net, scales)
     net = net.to(torch_device, memory_format=torch.channels_last)
     return MultiScaleTrainer(
         net,
-        loss=ScaleConsistencyLoss(task=task, consistency_weight=BENCH_CONSISTENCY_WEIGHT),
+        loss=ScaleConsistencyLoss(task=task, consistency_weight=BENCH_CONSISTENCY_WEIGHT,
+                                  scale_weighting=defaults.scale_weighting),
         optimizer=torch.optim.SGD(net.parameters(), lr=BENCH_LR, momentum=BENCH_MOMENTUM),
         schedule=constant_schedule(scales),
         options=TrainerOptions(epochs=1, amp_dtype=resolve_amp("auto", torch_device),

@@ -103,8 +103,10 @@ def export_checkpoint(checkpoint: str | Path, *, options: ExportOptions) -> dict
     if has_private_scale_norm(loaded.model):
         # An ONNX graph cannot pick a BatchNorm branch by input size: it carries the branch of the
         # largest exported scale, and is verified against that same network at every scale.
-        log.info("BatchNorm private to each trained scale: the export carries the %d px branch (export once per "
-                 "scale for the others)", scales[-1])
+        level = logging.WARNING if len(scales) > 1 else logging.INFO
+        log.log(level, "BatchNorm private to each trained scale: the export carries the %d px branch for every "
+                "input size, so at %s its outputs differ from the checkpoint's (export once per scale instead)",
+                scales[-1], ", ".join(f"{s} px" for s in scales[:-1]) or "other sizes")
         collapse_scale_norm(loaded.model, scales[-1])
     out = Path(options.out)
     split, images = verification_images(loaded, data=options.data, count=options.verify_images)

@@ -107,7 +107,7 @@ class StepBackward:
             logits[scale] = out
             if teacher is None:
                 teacher = out
-        return StepLosses.from_shares(shares, total), logits
+        return StepLosses.from_shares(shares, total, weights), logits
 
     def _largest_checkpointed(self, prepared: PreparedBatch, scale: int, *, num_scales: int, base_weight: float,
                               loss_scale: float) -> tuple[ScaleShare, torch.Tensor]:

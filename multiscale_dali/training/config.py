@@ -212,6 +212,11 @@ class TrainConfig:
             raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
         check_recipe_fields(self)
 
+    def with_resolved_scale_norm(self) -> "TrainConfig":
+        """This configuration with ``scale_norm`` spelled out ("private" or "shared"), as a run records it:
+        the checkpoint then says what the network is, whatever later versions resolve "" to."""
+        return self.replace(scale_norm=ScaleNorm.PRIVATE.value if self.private_scale_norm else ScaleNorm.SHARED.value)
+
     @property
     def private_scale_norm(self) -> bool:
         """Whether the network gets one BatchNorm per scale (``scale_norm``, "" resolved by the mode)."""
@@ -277,10 +282,15 @@ _BEFORE_KEY_EXISTED: dict[str, Any] = {"scale_norm": ScaleNorm.SHARED.value,
                                        "scale_weighting": ScaleWeighting.EQUAL.value}
 
 
+def with_keys_before_they_existed(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded configuration with the keys added since it was written set to the value
+    that reproduces what the run did then, not to today's default."""
+    return {**_BEFORE_KEY_EXISTED, **values}
+
+
 def config_from_checkpoint(values: Mapping[str, Any], *, source: str) -> TrainConfig:
-    """The configuration a checkpoint (or its ``config.json``) records; keys added since it was written
-    take the value that reproduces what the run did then, not today's default."""
-    return config_from_mapping({**_BEFORE_KEY_EXISTED, **values}, source=source)
+    """The configuration a checkpoint (or its ``config.json``) records (see :func:`with_keys_before_they_existed`)."""
+    return config_from_mapping(with_keys_before_they_existed(values), source=source)
 
 
 RECIPES_PACKAGE = "multiscale_dali.recipes"

@@ -225,7 +225,7 @@ class LossValues:
     """One step's loss terms as Python floats, for logging and the finiteness check."""
 
     base: dict[int, float]  # mean base loss per scale
-    mean_base: float  # their mean: the objective's base term
+    mean_base: float  # their mean weighted by the scales' shares: the objective's base term
     consistency: float  # 0.0 when the step had no consistency term
     total: float
 
@@ -261,15 +261,17 @@ class StepLosses:
     base: Mapping[int, torch.Tensor]  # mean base loss per scale, in ascending scale order
     consistency: torch.Tensor | None  # None: no consistency term (one scale, or weight 0)
     total: torch.Tensor  # what the step backpropagates (attached in a one-graph step)
+    weights: Mapping[int, float] | None = None  # each scale's share of the base term; None: equal
 
     @classmethod
-    def from_shares(cls, shares: Mapping[int, "ScaleShare"], total: torch.Tensor) -> "StepLosses":
+    def from_shares(cls, shares: Mapping[int, "ScaleShare"], total: torch.Tensor,
+                    weights: Mapping[int, float] | None = None) -> "StepLosses":
         """The terms of a step run one scale at a time; ``total``: the sum of the shares' totals."""
         scales = sorted(shares)
         divergences = [shares[s].divergence for s in scales if shares[s].divergence is not None]
         return cls(base={s: shares[s].base.detach() for s in scales},
                    consistency=torch.stack([d.detach() for d in divergences]).mean() if divergences else None,
-                   total=total)
+                   total=total, weights=weights)
 
     def read(self) -> LossValues:
         """Every number in one device->host transfer instead of one sync per ``.item()``.
@@ -278,7 +280,10 @@ class StepLosses:
         """
         scales = list(self.base)
         per_scale = [self.base[s] for s in scales]
-        mean_base = torch.stack(per_scale).mean()
+        if self.weights is None:
+            mean_base = torch.stack(per_scale).mean()
+        else:
+            mean_base = torch.stack([self.weights[s] * loss for s, loss in zip(scales, per_scale)]).sum()
         consistency = mean_base.new_zeros(()) if self.consistency is None else self.consistency
         logged = torch.stack([t.detach().float() for t in (mean_base, consistency, self.total, *per_scale)]).tolist()
         return LossValues(base=dict(zip(scales, logged[3:])), mean_base=logged[0], consistency=logged[1],
@@ -369,7 +374,7 @@ class ScaleConsistencyLoss(torch.nn.Module):
         weights = self.base_weights(scales)
         base = torch.stack([weights[s] * loss for s, loss in zip(scales, per_scale)]).sum()
         if not self._consistency_active(len(scales)):
-            return StepLosses(base=dict(zip(scales, per_scale)), consistency=None, total=base)
+            return StepLosses(base=dict(zip(scales, per_scale)), consistency=None, total=base, weights=weights)
         if self.teacher == TEACHER_LARGEST:
             teacher_logits = logits_by_scale[scales[-1]]
             students = scales[:-1]
@@ -380,7 +385,7 @@ class ScaleConsistencyLoss(torch.nn.Module):
             teacher_logits = teacher_logits.detach()
         consistency = torch.stack([self._divergence(logits_by_scale[s], teacher_logits) for s in students]).mean()
         return StepLosses(base=dict(zip(scales, per_scale)), consistency=consistency,
-                          total=base + self.consistency_weight * consistency)
+                          total=base + self.consistency_weight * consistency, weights=weights)
 
     def forward(
         self, logits_by_scale: Mapping[int, torch.Tensor], labels: torch.Tensor

@@ -39,8 +39,6 @@ def micro_batch_largest(net: nn.Module, *, memory_efficient: bool, batchnorm_opt
         return False
     if batchnorm_opt_in or not has_batchnorm(net):
         return True
-    log.info("memory-efficient step: the largest scale runs as one batch in checkpointed segments, because "
-             "micro-batching it would change the BatchNorm statistics; --micro-batch-batchnorm allows that")
     return False
 
 
@@ -48,12 +46,19 @@ def checkpoint_largest(net: nn.Module, *, memory_efficient: bool, micro_batched:
     """Whether the memory-efficient step runs the largest scale's forward in checkpointed segments:
     when it is not micro-batched and the network has segments. Not under ``--compile``: swapping a
     module's forward would recompile the graph every step."""
-    if not memory_efficient or micro_batched or compiled:
+    if not memory_efficient or micro_batched:
+        return False
+    why_whole = "chunks would change the BatchNorm statistics (--micro-batch-batchnorm allows it)"
+    if compiled:
+        log.info("memory-efficient step: the largest scale runs as one batch: %s, and checkpointed segments are "
+                 "off under --compile", why_whole)
         return False
     if not has_segments(net):
-        log.info("memory-efficient step: %s has no nn.Sequential to checkpoint; the largest scale runs as usual",
-                 type(net).__name__)
+        log.info("memory-efficient step: the largest scale runs as one batch: %s, and %s has no nn.Sequential "
+                 "to checkpoint", why_whole, type(net).__name__)
         return False
+    log.info("memory-efficient step: the largest scale runs as one batch in checkpointed segments (exact): %s",
+             why_whole)
     return True
 
 

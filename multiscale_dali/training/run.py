@@ -23,7 +23,13 @@ from multiscale_dali.models.input_size import check_train_batch
 from multiscale_dali.training.accumulate import optimizer_steps_per_epoch
 from multiscale_dali.training.best import all_finite
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
-from multiscale_dali.training.config import RESUME_MUTABLE_KEYS, ConfigError, TrainConfig
+from multiscale_dali.training.config import (
+    RESUME_MUTABLE_KEYS,
+    ConfigError,
+    TrainConfig,
+    config_from_checkpoint,
+    with_keys_before_they_existed,
+)
 from multiscale_dali.training.distributed import (
     DistributedContext,
     check_ranks_agree,
@@ -111,7 +117,11 @@ def _same_data(current: str | None, saved: str | None, recorded: str | None) -> 
 def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path, *,
                          recorded_data: str | None = None) -> None:
     """Settings that change what is trained must match the checkpoint's; errors name the flag."""
-    current = config.to_dict()
+    current = config.with_resolved_scale_norm().to_dict()
+    # Keys the checkpoint predates take the values it trained with; "" (a run of this version's first
+    # days) is resolved the way that run resolved it.
+    saved = with_keys_before_they_existed(saved)
+    saved["scale_norm"] = config_from_checkpoint(saved, source=str(path)).with_resolved_scale_norm().scale_norm
     if _same_data(config.data, saved.get("data"), recorded_data):
         saved = saved | {"data": config.data}
     schedule_free_of_epochs = config.lr_schedule == "constant" and (config.mode == "multiscale" or config.schedule)
@@ -201,7 +211,7 @@ class _TrainingRun:
                  on_epoch_end: Callable[[EpochRecord], None] | None,
                  on_step: Callable[[StepEvent], None] | None,
                  requeue_signal: signal.Signals | None = None) -> None:
-        self.config = config
+        self.config = config.with_resolved_scale_norm()
         self.requeue_signal = requeue_signal
         self.context = context
         self.device = context.device

@@ -11,7 +11,9 @@ Segments come from the network's own structure, with no per-architecture code: e
 ``nn.Sequential`` (tiny_cnn's ``features``, a ResNet's ``layer1``..``layer4``, timm stages) runs its
 children in groups of about ``sqrt(n)``, each group under ``torch.utils.checkpoint`` (non-reentrant).
 A group never starts with an in-place module (``ReLU(inplace=True)``): it would overwrite the tensor
-the group is recomputed from. Layers outside any Sequential (a ResNet stem) run as usual.
+the group is recomputed from; a Sequential that itself starts with one runs its first group as usual.
+Layers outside any Sequential (a ResNet stem) run as usual, and so do Sequential subclasses with a
+``forward`` of their own.
 
 The recomputation runs BatchNorm's train-mode forward a second time, which would move its running
 statistics twice; :func:`restore_buffers` puts back the values the real forward left.
@@ -28,20 +30,29 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def _segmentable(module: nn.Module) -> bool:
+    # A subclass with its own forward (timm's SequentialList, ...) does more than chain its children.
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward and len(module) >= 2
+
+
 def _outermost_sequentials(net: nn.Module) -> list[nn.Sequential]:
     found: list[nn.Sequential] = []
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
-            if isinstance(child, nn.Sequential) and len(child) >= 2:
+            if _segmentable(child):
                 found.append(child)
             else:
                 visit(child)
 
-    if isinstance(net, nn.Sequential) and len(net) >= 2:
+    if _segmentable(net):
         return [net]
     visit(net)
     return found
+
+
+def _in_place(module: nn.Module) -> bool:
+    return bool(getattr(module, "inplace", False))
 
 
 def segment_groups(children: list[nn.Module]) -> list[list[nn.Module]]:
@@ -49,7 +60,7 @@ def segment_groups(children: list[nn.Module]) -> list[list[nn.Module]]:
     size = max(1, math.ceil(math.sqrt(len(children))))
     groups: list[list[nn.Module]] = []
     for child in children:
-        starts_group = not groups or (len(groups[-1]) >= size and not getattr(child, "inplace", False))
+        starts_group = not groups or (len(groups[-1]) >= size and not _in_place(child))
         if starts_group:
             groups.append([child])
         else:
@@ -65,7 +76,12 @@ def _run_group(group: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 def _segmented_forward(groups: list[list[nn.Module]], x: torch.Tensor) -> torch.Tensor:
     for group in groups:
-        x = checkpoint(_run_group, group, x, use_reentrant=False)
+        if _in_place(group[0]):
+            # Only a Sequential's first group can start in place (EfficientNet's classifier opens with
+            # Dropout(inplace=True)): it would overwrite the input its recomputation starts from.
+            x = _run_group(group, x)
+        else:
+            x = checkpoint(_run_group, group, x, use_reentrant=False)
     return x
 
 
