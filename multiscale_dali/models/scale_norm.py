@@ -10,9 +10,10 @@ networks (RS-Nets, Wang et al., ECCV 2020) keep BatchNorm private per resolution
 the cost is four numbers per channel, layer and scale. Measured here: docs/results.md.
 
 The network picks the branch from its input: the trained scale nearest to the input's side (in
-log ratio; sqrt(H*W) for a non-square input), so training, evaluation, prediction, BN recalibration
-and ONNX export at any size need no extra argument. A size between two trained scales takes the
-nearer one; a tie takes the larger.
+log ratio; sqrt(H*W) for a non-square input), so training, evaluation, prediction and BN
+recalibration at any size need no extra argument. A size between two trained scales takes the nearer
+one; a tie takes the larger. An ONNX graph cannot branch on its input size: an export carries one
+branch (:func:`collapse_scale_norm`, used by ``msdali export`` and ``finetune-res``).
 """
 
 from __future__ import annotations
