@@ -89,7 +89,7 @@ def test_the_gpu_check_passes_on_a_cuda_machine(tmp_path):
     assert report["parts"]["train_step"]["status"] == OK
     assert report["parts"]["step_memory"]["memory_efficient_vs_naive"] < 1.0
     memory = report["parts"]["step_memory"]
-    assert memory["micro_batched_vs_naive"] < memory["memory_efficient_vs_naive"]
+    assert memory["micro_batched_vs_naive"] <= memory["memory_efficient_vs_naive"]
 
 
 def test_the_train_step_and_memory_parts_run_their_code_on_the_cpu(tmp_path, monkeypatch):

@@ -14,6 +14,10 @@ CPU_GOALS: tuple[tuple[str, str, str, str, float], ...] = (
     # Tensor bytes (the allocator's count): the process's RSS adds allocator caching and oneDNN scratch.
     ("memory_efficient_vs_naive", "memory-efficient step tensor peak vs naive (largest scale micro-batched)",
      "allocator_micro_batched_vs_naive", "<=", 0.5),
+    # The exact path of a BatchNorm model (largest scale whole, checkpointed segments): reported beside
+    # the opt-in one, so a model whose exact step misses the goal (tiny_cnn) says so.
+    ("exact_memory_efficient_vs_naive", "memory-efficient step tensor peak vs naive (exact: no chunks with BatchNorm)",
+     "allocator_memory_efficient_vs_naive", "<=", 0.5),
 )
 GPU_GOALS: tuple[tuple[str, str, str, str, float], ...] = (
     ("dali_vs_best_torchvision", "DALI 3-scale vs torchvision (best workers)", "dali_vs_torchvision", ">=", 3.0),
@@ -23,6 +27,8 @@ GPU_GOALS: tuple[tuple[str, str, str, str, float], ...] = (
      "training_dali_vs_synthetic", ">=", 0.95),
     ("memory_efficient_vs_naive", "memory-efficient step peak vs naive (largest scale micro-batched)",
      "micro_batched_vs_naive", "<=", 0.5),
+    ("exact_memory_efficient_vs_naive", "memory-efficient step peak vs naive (exact: no chunks with BatchNorm)",
+     "memory_efficient_vs_naive", "<=", 0.5),
 )
 
 
