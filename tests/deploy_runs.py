@@ -33,19 +33,16 @@ def untrained_run(data: Path, out: Path, *, model: str, scales: tuple[int, ...] 
     predict and finetune-res read, without the cost of training (for bad-input and model-family tests)."""
     import torch
 
-    from multiscale_dali.models.registry import build_model
-    from multiscale_dali.models.scale_norm import private_scale_norm
     from multiscale_dali.pipelines.schedule import constant_schedule
     from multiscale_dali.training.losses import num_outputs, resolve_task
     from multiscale_dali.training.run_files import RunFiles
+    from multiscale_dali.training.run_setup import bare_network
 
     task = resolve_task(classes, "auto")
     config = TrainConfig(data=str(data), out=str(out), scales=scales, model=model, batch_size=8,
                          backend="torchvision", workers=0, device="cpu", scan=False)
     torch.manual_seed(0)
-    net = build_model(model, num_outputs=num_outputs(task, classes))
-    if config.private_scale_norm:  # as a training run builds it
-        net = private_scale_norm(net, scales)
+    net = bare_network(config, num_outputs=num_outputs(task, classes), pretrained=False)  # as a run builds it
     files = RunFiles(out, is_main=True, common={
         "config": config.to_dict(), "resolved": {"data": str(data)}, "task": task,
         "classes": [f"class_{k}" for k in range(classes)], "schedule": constant_schedule(scales).to_dict()})

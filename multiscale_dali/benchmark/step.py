@@ -42,20 +42,17 @@ def make_trainer(*, model: str, num_classes: int, scales: Sequence[int], device:
     """
     from multiscale_dali.training.run import resolve_amp
     from multiscale_dali.training.losses import ScaleConsistencyLoss
-    from multiscale_dali.models.registry import build_model
-    from multiscale_dali.models.scale_norm import private_scale_norm
     from multiscale_dali.training.config import TrainConfig
+    from multiscale_dali.training.run_setup import bare_network
     from multiscale_dali.training.trainer import MultiScaleTrainer, TrainerOptions
 
     task, outputs = _task_and_outputs(num_classes)
     torch_device = torch.device(device)
+    defaults = TrainConfig(model=model, scales=tuple(scales))
     # Seeded initialisation without touching the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_model(model, num_outputs=outputs)
-    defaults = TrainConfig(scales=tuple(scales))
-    if defaults.private_scale_norm:
-        net = private_scale_norm(net, scales)
+        net = bare_network(defaults, num_outputs=outputs, pretrained=False)
     net = net.to(torch_device, memory_format=torch.channels_last)
     return MultiScaleTrainer(
         net,

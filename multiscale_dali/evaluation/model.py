@@ -9,13 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from multiscale_dali.models.registry import build_model
-from multiscale_dali.models.scale_norm import private_scale_norm
 from multiscale_dali.pipelines.schedule import ScaleSchedule
 from multiscale_dali.training.checkpoint import CheckpointError, load_checkpoint
 from multiscale_dali.training.config import ConfigError, TrainConfig, config_from_checkpoint
 from multiscale_dali.training.losses import num_outputs
 from multiscale_dali.training.resume import run_dir_of
+from multiscale_dali.training.run_setup import bare_network
 
 
 @dataclass(frozen=True)
@@ -64,9 +63,7 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Loade
     classes = tuple(payload["classes"])
     task = payload["task"]
     outputs = num_outputs(task, len(classes))
-    model = build_model(config.model, num_outputs=outputs, pretrained=False)
-    if config.private_scale_norm:
-        model = private_scale_norm(model, config.scales)
+    model = bare_network(config, num_outputs=outputs, pretrained=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # another model's weights, or a head for another task or class count

@@ -2,7 +2,8 @@
 
 The naive path keeps every scale's activations alive until one backward. The memory-efficient path
 runs the largest scale first and each smaller scale against its detached prediction, one graph at a
-time, and can cut the largest scale into chunks (:mod:`~multiscale_dali.training.micro_batch`). Both
+time, and can cut the largest scale into chunks (:mod:`~multiscale_dali.training.micro_batch`) or run
+its forward in checkpointed segments (:mod:`~multiscale_dali.training.segments`). Both
 backpropagate ``loss_scale`` times the objective (1/K under gradient accumulation), and under DDP
 every backward but the one that closes the optimiser step runs in ``no_sync``: the gradients add up
 locally and that last backward all-reduces their sum once.
@@ -91,16 +92,22 @@ class StepBackward:
             if teacher is None and chunks > 1:
                 share, out = self._largest_in_chunks(prepared, scale, chunks, num_scales=len(scales),
                                                      base_weight=weights[scale], loss_scale=loss_scale)
-            elif teacher is None and self.checkpoint_net is not None:
-                share, out = self._largest_checkpointed(prepared, scale, num_scales=len(scales),
-                                                        base_weight=weights[scale], loss_scale=loss_scale)
             else:
+                # The largest scale on its whole batch may run its forward in checkpointed segments.
+                segmented = self.checkpoint_net if teacher is None else None
                 with self.no_sync(not (sync and index == len(scales) - 1)):
                     with self.autocast(), self.shape_budget():
-                        out = self.model({scale: batch.images[scale]})[scale]
+                        with checkpointed_segments(segmented) if segmented is not None else contextlib.nullcontext():
+                            out = self.model({scale: batch.images[scale]})[scale]
                         share = self.loss.scale_share(out, prepared.target_at(scale), teacher, num_scales=len(scales),
                                                       is_teacher=teacher is None, base_weight=weights[scale])
+                    # The backward recomputes the segments, BatchNorm's train-mode forward included, which
+                    # moves its running statistics a second time: put back what the real forward left.
+                    # Nothing runs in between, so a private BatchNorm still has this scale's branch selected.
+                    after_forward = snapshot_buffers(segmented.buffers()) if segmented is not None else []
                     self.scaler.scale(_scaled(share.total, loss_scale)).backward()
+                    if segmented is not None:
+                        restore_buffers(segmented.buffers(), after_forward)
                 out = out.detach()
             total = total + share.total.detach().float()
             shares[scale] = share
@@ -108,28 +115,6 @@ class StepBackward:
             if teacher is None:
                 teacher = out
         return StepLosses.from_shares(shares, total, weights), logits
-
-    def _largest_checkpointed(self, prepared: PreparedBatch, scale: int, *, num_scales: int, base_weight: float,
-                              loss_scale: float) -> tuple[ScaleShare, torch.Tensor]:
-        """The largest (teacher) scale on its whole batch, its forward in checkpointed segments.
-
-        The backward recomputes each segment, BatchNorm's train-mode forward included, so the running
-        statistics it moved a second time are put back to what the real forward left. Nothing runs
-        between this forward and its backward: a network with private BatchNorm per scale still has
-        this scale's branch selected when the segments are recomputed.
-        """
-        net = self.checkpoint_net
-        assert net is not None
-        with self.no_sync(True):  # smaller scales follow: never the step's last backward
-            with self.autocast(), self.shape_budget():
-                with checkpointed_segments(net):
-                    out = self.model({scale: prepared.batch.images[scale]})[scale]
-                share = self.loss.scale_share(out, prepared.target_at(scale), None, num_scales=num_scales,
-                                              is_teacher=True, base_weight=base_weight)
-            after_forward = snapshot_buffers(net)
-            self.scaler.scale(_scaled(share.total, loss_scale)).backward()
-            restore_buffers(net, after_forward)
-        return share, out.detach()
 
     def _largest_in_chunks(self, prepared: PreparedBatch, scale: int, chunks: int, *, num_scales: int,
                            base_weight: float, loss_scale: float) -> tuple[ScaleShare, torch.Tensor]:

@@ -254,6 +254,11 @@ def base_weights(scales: Sequence[int], weighting: str = ScaleWeighting.EQUAL) -
     return {s: value / total for s, value in raw.items()}
 
 
+def weighted_base(base: Mapping[int, torch.Tensor], weights: Mapping[int, float]) -> torch.Tensor:
+    """The objective's base term: the per-scale base losses summed with the scales' shares."""
+    return torch.stack([weights[s] * loss for s, loss in base.items()]).sum()
+
+
 @dataclass(frozen=True)
 class StepLosses:
     """One step's objective and its terms, on the device: reading them is a device sync (see :meth:`read`)."""
@@ -280,10 +285,7 @@ class StepLosses:
         """
         scales = list(self.base)
         per_scale = [self.base[s] for s in scales]
-        if self.weights is None:
-            mean_base = torch.stack(per_scale).mean()
-        else:
-            mean_base = torch.stack([self.weights[s] * loss for s, loss in zip(scales, per_scale)]).sum()
+        mean_base = torch.stack(per_scale).mean() if self.weights is None else weighted_base(self.base, self.weights)
         consistency = mean_base.new_zeros(()) if self.consistency is None else self.consistency
         logged = torch.stack([t.detach().float() for t in (mean_base, consistency, self.total, *per_scale)]).tolist()
         return LossValues(base=dict(zip(scales, logged[3:])), mean_base=logged[0], consistency=logged[1],
@@ -372,9 +374,10 @@ class ScaleConsistencyLoss(torch.nn.Module):
         per_scale = [base_loss(logits_by_scale[s], labels[s] if isinstance(labels, Mapping) else labels,
                                task=self.task) for s in scales]
         weights = self.base_weights(scales)
-        base = torch.stack([weights[s] * loss for s, loss in zip(scales, per_scale)]).sum()
+        by_scale = dict(zip(scales, per_scale))
+        base = weighted_base(by_scale, weights)
         if not self._consistency_active(len(scales)):
-            return StepLosses(base=dict(zip(scales, per_scale)), consistency=None, total=base, weights=weights)
+            return StepLosses(base=by_scale, consistency=None, total=base, weights=weights)
         if self.teacher == TEACHER_LARGEST:
             teacher_logits = logits_by_scale[scales[-1]]
             students = scales[:-1]
@@ -384,7 +387,7 @@ class ScaleConsistencyLoss(torch.nn.Module):
         if self.detach_teacher:
             teacher_logits = teacher_logits.detach()
         consistency = torch.stack([self._divergence(logits_by_scale[s], teacher_logits) for s in students]).mean()
-        return StepLosses(base=dict(zip(scales, per_scale)), consistency=consistency,
+        return StepLosses(base=by_scale, consistency=consistency,
                           total=base + self.consistency_weight * consistency, weights=weights)
 
     def forward(

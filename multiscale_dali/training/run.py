@@ -27,7 +27,7 @@ from multiscale_dali.training.config import (
     RESUME_MUTABLE_KEYS,
     ConfigError,
     TrainConfig,
-    config_from_checkpoint,
+    config_from_mapping,
     with_keys_before_they_existed,
 )
 from multiscale_dali.training.distributed import (
@@ -121,7 +121,7 @@ def _check_resume_config(config: TrainConfig, saved: dict[str, Any], path: Path,
     # Keys the checkpoint predates take the values it trained with; "" (a run of this version's first
     # days) is resolved the way that run resolved it.
     saved = with_keys_before_they_existed(saved)
-    saved["scale_norm"] = config_from_checkpoint(saved, source=str(path)).with_resolved_scale_norm().scale_norm
+    saved["scale_norm"] = config_from_mapping(saved, source=str(path)).with_resolved_scale_norm().scale_norm
     if _same_data(config.data, saved.get("data"), recorded_data):
         saved = saved | {"data": config.data}
     schedule_free_of_epochs = config.lr_schedule == "constant" and (config.mode == "multiscale" or config.schedule)

@@ -84,11 +84,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def bare_network(config: TrainConfig, *, num_outputs: int, pretrained: bool) -> nn.Module:
+    """``config.model`` with ``num_outputs`` outputs, its BatchNorm private to each scale when the
+    configuration says so: the network a run trains and a checkpoint's weights load into."""
+    model = build_model(config.model, num_outputs=num_outputs, pretrained=pretrained)
+    return private_scale_norm(model, config.scales) if config.private_scale_norm else model
+
+
 def build_network(config: TrainConfig, *, task: str, num_classes: int, device: torch.device) -> nn.Module:
     """The configured model with the task's head, on ``device`` in the configured memory format."""
-    model = build_model(config.model, num_outputs=num_outputs(task, num_classes), pretrained=config.pretrained)
-    if config.private_scale_norm:
-        model = private_scale_norm(model, config.scales)
+    model = bare_network(config, num_outputs=num_outputs(task, num_classes), pretrained=config.pretrained)
     return model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
 
 

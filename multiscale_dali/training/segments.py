@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -107,11 +107,13 @@ def has_segments(net: nn.Module) -> bool:
     return bool(_outermost_sequentials(net))
 
 
-def snapshot_buffers(net: nn.Module) -> list[torch.Tensor]:
-    return [buffer.detach().clone() for buffer in net.buffers()]
+def snapshot_buffers(buffers: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``buffers`` (a network's BatchNorm statistics and counters), for :func:`restore_buffers`.
+    Also what the trainer keeps to undo a step skipped for a non-finite loss."""
+    return [buffer.detach().clone() for buffer in buffers]
 
 
 @torch.no_grad()
-def restore_buffers(net: nn.Module, saved: list[torch.Tensor]) -> None:
-    for buffer, value in zip(net.buffers(), saved):
+def restore_buffers(buffers: Iterable[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    for buffer, value in zip(buffers, saved):
         buffer.copy_(value)

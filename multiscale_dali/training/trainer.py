@@ -31,6 +31,7 @@ from multiscale_dali.training.losses import LossValues, ScaleConsistencyLoss, ba
 from multiscale_dali.training.metrics import ScaleMeter
 from multiscale_dali.training.recipe import EMA, RAW, PreparedBatch, StepRecipe
 from multiscale_dali.training.micro_batch import checkpoint_largest, micro_batch_largest
+from multiscale_dali.training.segments import restore_buffers, snapshot_buffers
 from multiscale_dali.training.wrapping import MultiScaleModel, training_modules
 # The records are part of the trainer's interface: reporting and the CLI import them from here.
 from multiscale_dali.training.records import EpochRecord, FitResult, StepEvent
@@ -157,7 +158,7 @@ class MultiScaleTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             # The train-mode forward updates BatchNorm running statistics before the loss is known to be
             # finite; a skipped step must not leave inf/NaN in them (they would poison every later eval).
-            self._pending = PendingStep(saved_buffers=[b.detach().clone() for b in self._buffers], meter=ScaleMeter())
+            self._pending = PendingStep(saved_buffers=snapshot_buffers(self._buffers), meter=ScaleMeter())
         pending = self._pending
         prepared = self.recipe.prepare(batch)
         losses, logits = self._backward(prepared, loss_scale=1.0 / self.options.accum_steps, sync=micro.closes_group)
@@ -188,9 +189,7 @@ class MultiScaleTrainer:
 
     def _skip_step(self, saved_buffers: list[torch.Tensor], meter: ScaleMeter, *, here: bool) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for buffer, saved in zip(self._buffers, saved_buffers):
-                buffer.copy_(saved)
+        restore_buffers(self._buffers, saved_buffers)
         self._nonfinite_in_a_row += 1
         meter.add_skipped_step()
         log.warning("non-finite loss at step %d%s: step skipped", self.global_step, "" if here else " on another rank")
